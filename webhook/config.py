@@ -1,0 +1,171 @@
+"""Settings: read once from the environment into a frozen, typed object."""
+from __future__ import annotations
+
+import base64
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+# Defaults, one place. Each is documented in README's configuration table.
+DEFAULT_TIMESTAMP_TOLERANCE = 300  # seconds of clock skew accepted on pushes
+DEFAULT_MAX_BODY = 64 * 1024  # Weixin pushes are a few KiB; 413 above this
+DEFAULT_INSTANCE_PATH = "instance"  # relative to the working directory
+DEFAULT_API_BASE = "https://api.weixin.qq.com"
+DEFAULT_DISPATCH_INTERVAL = 0.5  # seconds between outbox polls in a worker
+DEFAULT_DISPATCH_BATCH = 200  # events moved to RQ per dispatcher pass
+DEFAULT_JOB_BATCH = 50  # events handled by one RQ job
+DEFAULT_SQLITE_SYNCHRONOUS = "FULL"  # fsync on every commit: acked means on disk
+
+_AES_KEY_RE = re.compile(r"^[A-Za-z0-9]{43}$")
+_APPID_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+def decode_aes_key(value: str, variable: str = "WECHAT_AES_KEY") -> bytes:
+    """Turn a 43-character EncodingAESKey into the 32-byte AES key."""
+    if not _AES_KEY_RE.match(value):
+        raise ConfigError(f"{variable} must be 43 characters of A-Z, a-z, 0-9 (got {len(value)} characters)")
+    return base64.b64decode(value + "=")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service reads from its environment, validated."""
+
+    token: str
+    appid: str | None = None
+    appsecret: str | None = field(default=None, repr=False)
+    encoding_aes_key: str | None = field(default=None, repr=False)
+    previous_encoding_aes_key: str | None = field(default=None, repr=False)
+    timestamp_tolerance: int = DEFAULT_TIMESTAMP_TOLERANCE
+    database_url: str = ""
+    redis_url: str | None = None  # None: embedded Redis in the instance folder
+    instance_path: Path = Path(DEFAULT_INSTANCE_PATH)
+    max_body: int = DEFAULT_MAX_BODY
+    api_base: str = DEFAULT_API_BASE
+    dispatch_interval: float = DEFAULT_DISPATCH_INTERVAL
+    dispatch_batch: int = DEFAULT_DISPATCH_BATCH
+    job_batch: int = DEFAULT_JOB_BATCH
+    sqlite_synchronous: str = DEFAULT_SQLITE_SYNCHRONOUS
+    queue_prefix: str = "wxcoupon"
+    log_format: str = "text"
+
+    def __post_init__(self) -> None:
+        if not self.database_url:
+            url = f"sqlite:///{(self.instance_path / 'wxcoupon.sqlite3').resolve()}"
+            object.__setattr__(self, "database_url", url)
+
+    @property
+    def aes_keys(self) -> tuple[bytes, ...]:
+        """The AES keys to try when decrypting: current first, then previous."""
+        keys = []
+        for variable, value in (
+            ("WECHAT_AES_KEY", self.encoding_aes_key),
+            ("WECHAT_PREVIOUS_AES_KEY", self.previous_encoding_aes_key),
+        ):
+            if value:
+                keys.append(decode_aes_key(value, variable))
+        return tuple(keys)
+
+    @property
+    def aes_key(self) -> bytes | None:
+        """The current AES key (used to encrypt), or None in plaintext-only setups."""
+        keys = self.aes_keys
+        return keys[0] if self.encoding_aes_key else None
+
+    @property
+    def embedded_redis_path(self) -> Path:
+        """Where the embedded Redis keeps its data when REDIS_URL is unset."""
+        return (self.instance_path / "redis.db").resolve()
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        """A copy with some values replaced (tests, CLI flags)."""
+        return replace(self, **changes)
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer (got {raw!r})") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum} (got {value})")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number (got {raw!r})") from None
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive (got {value})")
+    return value
+
+
+def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) -> Settings:
+    """Read and validate settings; raises ConfigError naming the bad variable."""
+    if env is None:
+        if dotenv:
+            from dotenv import load_dotenv
+
+            load_dotenv(Path.cwd() / ".env", override=False)
+        env = os.environ
+    token = env.get("WECHAT_TOKEN", "").strip()
+    if not token:
+        raise ConfigError("WECHAT_TOKEN is required: the server token set in the Official Account console")
+    if not re.fullmatch(r"[A-Za-z0-9]{3,32}", token):
+        raise ConfigError("WECHAT_TOKEN must be 3 to 32 characters of A-Z, a-z, 0-9, as Weixin requires")
+    aes = env.get("WECHAT_AES_KEY", "").strip() or None
+    previous = env.get("WECHAT_PREVIOUS_AES_KEY", "").strip() or None
+    appid = env.get("WECHAT_APPID", "").strip() or None
+    if aes:
+        decode_aes_key(aes, "WECHAT_AES_KEY")
+        if not appid:
+            raise ConfigError("WECHAT_APPID is required when WECHAT_AES_KEY is set (decrypted pushes name the appid)")
+    if previous:
+        decode_aes_key(previous, "WECHAT_PREVIOUS_AES_KEY")
+        if not aes:
+            raise ConfigError("WECHAT_PREVIOUS_AES_KEY is set but WECHAT_AES_KEY is not")
+    if appid and not _APPID_RE.match(appid):
+        raise ConfigError("WECHAT_APPID is malformed (expected letters, digits and _ such as wx1234...)")
+    synchronous = env.get("WXCOUPON_SQLITE_SYNCHRONOUS", DEFAULT_SQLITE_SYNCHRONOUS).strip().upper()
+    if synchronous not in ("FULL", "NORMAL", "EXTRA"):
+        raise ConfigError("WXCOUPON_SQLITE_SYNCHRONOUS must be FULL, NORMAL or EXTRA")
+    log_format = env.get("WXCOUPON_LOG_FORMAT", "text").strip().lower()
+    if log_format not in ("text", "json"):
+        raise ConfigError("WXCOUPON_LOG_FORMAT must be text or json")
+    api_base = env.get("WECHAT_API_BASE", DEFAULT_API_BASE).strip().rstrip("/")
+    if not api_base.startswith(("http://", "https://")):
+        raise ConfigError("WECHAT_API_BASE must be an http(s) URL")
+    return Settings(
+        token=token,
+        appid=appid,
+        appsecret=env.get("WECHAT_APPSECRET", "").strip() or None,
+        encoding_aes_key=aes,
+        previous_encoding_aes_key=previous,
+        timestamp_tolerance=_int(env, "WECHAT_TIMESTAMP_TOLERANCE", DEFAULT_TIMESTAMP_TOLERANCE),
+        database_url=env.get("DATABASE_URL", "").strip(),
+        redis_url=env.get("REDIS_URL", "").strip() or None,
+        instance_path=Path(env.get("WXCOUPON_INSTANCE_PATH", "").strip() or DEFAULT_INSTANCE_PATH),
+        max_body=_int(env, "WXCOUPON_MAX_BODY", DEFAULT_MAX_BODY, minimum=1024),
+        api_base=api_base,
+        dispatch_interval=_float(env, "WXCOUPON_DISPATCH_INTERVAL", DEFAULT_DISPATCH_INTERVAL),
+        dispatch_batch=_int(env, "WXCOUPON_DISPATCH_BATCH", DEFAULT_DISPATCH_BATCH, minimum=1),
+        job_batch=_int(env, "WXCOUPON_JOB_BATCH", DEFAULT_JOB_BATCH, minimum=1),
+        sqlite_synchronous=synchronous,
+        queue_prefix=env.get("WXCOUPON_QUEUE_PREFIX", "wxcoupon").strip() or "wxcoupon",
+        log_format=log_format,
+    )
