@@ -18,6 +18,7 @@ DEFAULT_DISPATCH_INTERVAL = 0.5  # seconds between outbox polls in a worker
 DEFAULT_DISPATCH_BATCH = 200  # events moved to RQ per dispatcher pass
 DEFAULT_JOB_BATCH = 50  # events handled by one RQ job
 DEFAULT_SQLITE_SYNCHRONOUS = "FULL"  # fsync on every commit: acked means on disk
+DEV_ENV_FILE = "dev.env"  # the local account `wxcoupon dev` generates, in the instance folder
 
 _AES_KEY_RE = re.compile(r"^[A-Za-z0-9]{43}$")
 _APPID_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
@@ -121,7 +122,11 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) 
         if dotenv:
             from dotenv import load_dotenv
 
+            # Real environment first, then .env, then the local account that
+            # `wxcoupon dev` generated (so `simulate` reaches the dev server).
             load_dotenv(Path.cwd() / ".env", override=False)
+            instance = os.environ.get("WXCOUPON_INSTANCE_PATH", "").strip() or DEFAULT_INSTANCE_PATH
+            load_dotenv(Path(instance) / DEV_ENV_FILE, override=False)
         env = os.environ
     token = env.get("WECHAT_TOKEN", "").strip()
     if not token:

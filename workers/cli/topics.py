@@ -6,5 +6,14 @@ import click
 
 def commands() -> list[click.Command]:
     """Every top-level command of `wxcoupon`, in help order."""
-    found: list[click.Command] = []
-    return found
+    from . import db, dev, events, service, simulate
+
+    return [
+        dev.dev,
+        service.serve,
+        service.worker,
+        service.sweep,
+        db.db,
+        events.events,
+        simulate.simulate,
+    ]

@@ -1,0 +1,122 @@
+"""The outbox: committed events reach RQ exactly once, and survive Redis being down."""
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from typing import Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+from rq import Queue, SimpleWorker
+
+from webhook.config import Settings
+from webhook.store import events, utcnow
+from workers.context import EVENTS_QUEUE, WorkerContext
+from workers.dispatch import dispatch_all, dispatch_once, reap_orphans
+from workers.jobs import process_events
+
+from .pushes import make_push
+from .procs import free_port
+
+
+def push_n(client: Any, settings: Settings, n: int) -> None:
+    for i in range(n):
+        query, body = make_push(settings, UserCardCode=f"{100000000000 + i}", FromUserName=f"oUser{i}")
+        assert client.post("/wechat", query_string=query, data=body).status_code == 200
+
+
+def statuses(ctx: WorkerContext) -> list[str]:
+    with ctx.engine.connect() as conn:
+        return list(conn.execute(sa.select(events.c.status).order_by(events.c.id)).scalars())
+
+
+def queued_ids(ctx: WorkerContext) -> list[int]:
+    queue = Queue(ctx.queue_name(EVENTS_QUEUE), connection=ctx.redis)
+    ids: list[int] = []
+    for job in queue.get_jobs():
+        ids.extend(job.args[0])
+    return ids
+
+
+def test_dispatch_moves_pending_events_into_batched_jobs(client: Any, settings: Settings, worker_ctx: WorkerContext) -> None:
+    """Pending events become queued, in jobs of at most job_batch events, each event in one job."""
+    push_n(client, settings, 7)
+    ctx = WorkerContext(settings=settings.with_overrides(job_batch=3), engine=worker_ctx.engine, redis=worker_ctx.redis)
+    assert dispatch_once(ctx) == 7
+    assert statuses(ctx) == ["queued"] * 7
+    ids = queued_ids(ctx)
+    assert sorted(ids) == list(range(1, 8))
+    assert len(Queue(ctx.queue_name(EVENTS_QUEUE), connection=ctx.redis)) == 3
+    assert dispatch_once(ctx) == 0  # nothing is queued twice
+
+
+def test_worker_processes_queued_events_and_a_rerun_changes_nothing(
+    client: Any, settings: Settings, worker_ctx: WorkerContext
+) -> None:
+    """A burst worker marks every event processed; running the job again is a no-op."""
+    push_n(client, settings, 4)
+    dispatch_all(worker_ctx)
+    queue = Queue(worker_ctx.queue_name(EVENTS_QUEUE), connection=worker_ctx.redis)
+    SimpleWorker([queue], connection=worker_ctx.redis).work(burst=True)
+    assert statuses(worker_ctx) == ["processed"] * 4
+    with worker_ctx.engine.connect() as conn:
+        attempts = list(conn.execute(sa.select(events.c.attempts)).scalars())
+    assert attempts == [1] * 4
+    assert process_events([1, 2, 3, 4]) == {"processed": 0, "skipped": 4}
+    assert statuses(worker_ctx) == ["processed"] * 4
+
+
+def test_redis_down_leaves_events_pending_then_sweep_queues_them(
+    client: Any, settings: Settings, worker_ctx: WorkerContext
+) -> None:
+    """With Redis unreachable intake still acks, events stay pending, and a later sweep queues them."""
+    push_n(client, settings, 3)
+    down = WorkerContext(
+        settings=settings, engine=worker_ctx.engine,
+        redis=redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5, socket_timeout=0.5),
+    )
+    with pytest.raises(redis.RedisError):
+        dispatch_once(down)
+    assert statuses(worker_ctx) == ["pending"] * 3
+    assert dispatch_all(worker_ctx) == 3
+    assert statuses(worker_ctx) == ["queued"] * 3
+    assert sorted(queued_ids(worker_ctx)) == [1, 2, 3]
+
+
+def test_orphaned_queued_events_are_released(client: Any, settings: Settings, worker_ctx: WorkerContext) -> None:
+    """Events marked queued whose job never reached Redis go back to pending after a while."""
+    push_n(client, settings, 2)
+    with worker_ctx.engine.begin() as conn:
+        conn.execute(sa.update(events).values(status="queued", job_id="evt-lost", updated_at=utcnow() - dt.timedelta(minutes=5)))
+    assert reap_orphans(worker_ctx) == 2
+    assert statuses(worker_ctx) == ["pending"] * 2
+    # A young queued event is left alone: its dispatcher may be enqueuing it right now.
+    with worker_ctx.engine.begin() as conn:
+        conn.execute(sa.update(events).values(status="queued", job_id="evt-young", updated_at=utcnow()))
+    assert reap_orphans(worker_ctx) == 0
+
+
+def test_concurrent_dispatchers_never_queue_an_event_twice(
+    client: Any, settings: Settings, worker_ctx: WorkerContext
+) -> None:
+    """Four dispatchers racing over the same outbox: every event in exactly one job."""
+    push_n(client, settings, 60)
+    ctx = WorkerContext(settings=settings.with_overrides(job_batch=5, dispatch_batch=20), engine=worker_ctx.engine,
+                        redis=worker_ctx.redis)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            dispatch_all(ctx)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    ids = queued_ids(ctx)
+    assert sorted(ids) == list(range(1, 61))

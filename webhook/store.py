@@ -1,0 +1,291 @@
+"""The durable event store: schema, engine, and the statements that move events."""
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from .config import Settings
+
+# How long a SQLite writer waits for another's lock. Weixin waits 5 s for the
+# answer; failing after 2 s leaves time to answer 503 so that it retries.
+SQLITE_BUSY_SECONDS = 2.0
+
+# SQLite wants INTEGER PRIMARY KEY for a rowid alias; PostgreSQL a BIGINT identity.
+IdType = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class EventStatus(str, enum.Enum):
+    """Where an event is in its life; the only values the status column holds."""
+
+    PENDING = "pending"  # committed, not yet handed to RQ (the outbox)
+    QUEUED = "queued"  # in an RQ job that has not started it
+    PROCESSING = "processing"  # a worker is handling it now
+    PROCESSED = "processed"  # done; replays change nothing
+    FAILED = "failed"  # last attempt failed; will be retried or replayed
+    DEAD = "dead"  # retries exhausted; only a replay revives it
+
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# Values that come from Weixin are Text: a length limit here would turn an
+# unexpectedly long field into a failed insert, a 5xx and, after three tries, a
+# lost event.
+events = Table(
+    "events",
+    metadata,
+    Column("id", IdType, primary_key=True, autoincrement=True),
+    Column("dedupe_key", String(64), nullable=False, unique=True),
+    Column("msg_type", Text, nullable=False),
+    Column("event", Text),
+    Column("to_user", Text),
+    Column("openid", Text),
+    Column("card_id", Text),
+    Column("code", Text),
+    Column("old_code", Text),
+    Column("outer_str", Text),
+    Column("unionid", Text),
+    Column("create_time", BigInteger),
+    Column("mode", String(8), nullable=False),
+    Column("raw_xml", Text, nullable=False),
+    Column("fields", JSON, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("job_id", String(64)),
+    Column("last_error", Text),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index(None, "status", "id"),
+    Index(None, "card_id", "code"),
+    Index(None, "received_at"),
+    Index(None, "job_id"),
+)
+
+
+def utcnow() -> dt.datetime:
+    """The current time, timezone-aware UTC (what every timestamp column holds)."""
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def make_engine(settings: Settings) -> Engine:
+    """Create the engine for DATABASE_URL; connects lazily, never at import."""
+    url = settings.database_url
+    if url.startswith("sqlite"):
+        if url.startswith("sqlite:///") and ":memory:" not in url:
+            settings.instance_path.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_SECONDS})
+        synchronous = settings.sqlite_synchronous
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            # WAL lets the web processes write while workers read; FULL makes an
+            # acknowledged push survive a power cut, not only a process crash.
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
+            cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_SECONDS * 1000)}")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def _insert_for(conn: Connection) -> Any:
+    """The dialect's INSERT that supports ON CONFLICT DO NOTHING."""
+    name = conn.dialect.name
+    if name == "postgresql":
+        return postgresql.insert(events)
+    if name == "sqlite":
+        return sqlite.insert(events)
+    raise RuntimeError(f"unsupported database dialect {name!r}")
+
+
+def insert_event(conn: Connection, row: dict[str, Any]) -> int | None:
+    """Insert one event row; return its id, or None when the dedupe key exists.
+
+    The unique constraint decides, so two copies of a push arriving at the same
+    moment on two processes still make one row.
+    """
+    stmt = _insert_for(conn).values(**row).on_conflict_do_nothing(index_elements=["dedupe_key"])
+    result = conn.execute(stmt.returning(events.c.id))
+    found = result.scalar_one_or_none()
+    return int(found) if found is not None else None
+
+
+def claim_pending(conn: Connection, limit: int) -> list[int]:
+    """Ids of the oldest pending events (the outbox), at most `limit`."""
+    stmt = (
+        select(events.c.id)
+        .where(events.c.status == EventStatus.PENDING.value)
+        .order_by(events.c.id)
+        .limit(limit)
+    )
+    return [int(i) for i in conn.execute(stmt).scalars()]
+
+
+def mark_queued(conn: Connection, ids: Sequence[int], job_id: str) -> list[int]:
+    """Move pending events to queued under `job_id`; return the ids this call won."""
+    if not ids:
+        return []
+    conn.execute(
+        update(events)
+        .where(events.c.id.in_(ids), events.c.status == EventStatus.PENDING.value)
+        .values(status=EventStatus.QUEUED.value, job_id=job_id, updated_at=utcnow())
+    )
+    won = select(events.c.id).where(events.c.job_id == job_id, events.c.status == EventStatus.QUEUED.value)
+    return sorted(int(i) for i in conn.execute(won).scalars())
+
+
+def release_jobs(conn: Connection, job_ids: Iterable[str]) -> int:
+    """Put events of jobs that never reached Redis back to pending."""
+    job_ids = list(job_ids)
+    if not job_ids:
+        return 0
+    result = conn.execute(
+        update(events)
+        .where(events.c.job_id.in_(job_ids), events.c.status == EventStatus.QUEUED.value)
+        .values(status=EventStatus.PENDING.value, job_id=None, updated_at=utcnow())
+    )
+    return int(result.rowcount or 0)
+
+
+def stale_job_ids(conn: Connection, status: EventStatus, before: dt.datetime) -> list[str]:
+    """Job ids of events left in `status` since before `before`."""
+    stmt = (
+        select(events.c.job_id)
+        .where(events.c.status == status.value, events.c.updated_at < before, events.c.job_id.is_not(None))
+        .distinct()
+    )
+    return [str(j) for j in conn.execute(stmt).scalars()]
+
+
+def set_status(
+    conn: Connection,
+    event_id: int,
+    status: EventStatus,
+    *,
+    expect: Sequence[EventStatus] | None = None,
+    error: str | None = None,
+    count_attempt: bool = False,
+) -> bool:
+    """Move one event to `status` if it is in one of `expect`; True when it moved."""
+    values: dict[str, Any] = {"status": status.value, "updated_at": utcnow()}
+    if error is not None or status in (EventStatus.PROCESSED, EventStatus.PROCESSING):
+        values["last_error"] = error
+    if count_attempt:
+        values["attempts"] = events.c.attempts + 1
+    stmt = update(events).where(events.c.id == event_id)
+    if expect is not None:
+        stmt = stmt.where(events.c.status.in_([s.value for s in expect]))
+    result = conn.execute(stmt.values(**values))
+    return bool(result.rowcount)
+
+
+def get_event(conn: Connection, event_id: int) -> dict[str, Any] | None:
+    """One event row as a dict, or None."""
+    row = conn.execute(select(events).where(events.c.id == event_id)).mappings().first()
+    return dict(row) if row is not None else None
+
+
+def list_events(
+    conn: Connection,
+    *,
+    event: str | None = None,
+    status: str | None = None,
+    since: dt.datetime | None = None,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Events matching the filters, oldest first."""
+    stmt = select(events).order_by(events.c.id)
+    if event:
+        stmt = stmt.where(events.c.event == event)
+    if status:
+        stmt = stmt.where(events.c.status == status)
+    if since is not None:
+        stmt = stmt.where(events.c.received_at >= since)
+    if limit:
+        stmt = stmt.limit(limit)
+    return [dict(r) for r in conn.execute(stmt).mappings()]
+
+
+def count_by_status(conn: Connection) -> dict[str, int]:
+    """How many events are in each status."""
+    from sqlalchemy import func
+
+    stmt = select(events.c.status, func.count()).group_by(events.c.status)
+    return {str(s): int(n) for s, n in conn.execute(stmt).all()}
+
+
+def start_processing(conn: Connection, ids: Sequence[int], job_id: str | None) -> list[int]:
+    """Mark these events processing (one attempt more); return the ids that moved.
+
+    Only events not yet processed move, so a job run twice, or a replay of a
+    processed event, does nothing.
+    """
+    if not ids:
+        return []
+    startable = [EventStatus.QUEUED.value, EventStatus.PENDING.value, EventStatus.FAILED.value]
+    conn.execute(
+        update(events)
+        .where(events.c.id.in_(ids), events.c.status.in_(startable))
+        .values(
+            status=EventStatus.PROCESSING.value,
+            attempts=events.c.attempts + 1,
+            job_id=job_id,
+            updated_at=utcnow(),
+        )
+    )
+    moved = select(events.c.id).where(events.c.id.in_(ids), events.c.status == EventStatus.PROCESSING.value)
+    if job_id is not None:
+        moved = moved.where(events.c.job_id == job_id)
+    return sorted(int(i) for i in conn.execute(moved).scalars())
+
+
+def finish_processing(conn: Connection, ids: Sequence[int]) -> int:
+    """Mark events processed (from processing); return how many moved."""
+    if not ids:
+        return 0
+    result = conn.execute(
+        update(events)
+        .where(events.c.id.in_(ids), events.c.status == EventStatus.PROCESSING.value)
+        .values(status=EventStatus.PROCESSED.value, last_error=None, updated_at=utcnow())
+    )
+    return int(result.rowcount or 0)
+
+
+def fail_processing(conn: Connection, event_id: int, error: str, *, dead: bool = False) -> bool:
+    """Mark one processing event failed (or dead) with a short error."""
+    status = EventStatus.DEAD if dead else EventStatus.FAILED
+    result = conn.execute(
+        update(events)
+        .where(events.c.id == event_id, events.c.status == EventStatus.PROCESSING.value)
+        .values(status=status.value, last_error=error[:1000], updated_at=utcnow())
+    )
+    return bool(result.rowcount)

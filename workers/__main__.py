@@ -1,0 +1,4 @@
+"""`python -m workers` is the `wxcoupon` command."""
+from .cli import main
+
+main()

@@ -1,0 +1,115 @@
+"""`wxcoupon serve`, `worker` and `sweep`: the processes of a deployment."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import click
+import redis
+
+from ..context import build_context
+from ..dispatch import dispatch_all, reap_orphans
+from ..runner import run_worker
+from .common import settings_or_exit
+
+# Sync workers: the handler is CPU-bound and short; two per core is gunicorn's
+# advice, and WEB_CONCURRENCY overrides it as on most platforms.
+DEFAULT_WEB_WORKERS = 2
+# Weixin gives up after 5 s; a request still running at 10 s is stuck.
+WEB_TIMEOUT = 10
+
+
+def gunicorn_options(host: str, port: int, workers: int, access_log: bool) -> dict[str, Any]:
+    """The gunicorn settings `serve` applies before an optional config file."""
+    options: dict[str, Any] = {
+        "bind": f"{host}:{port}",
+        "workers": workers,
+        "worker_class": "sync",
+        "timeout": WEB_TIMEOUT,
+        "graceful_timeout": 20,
+        "keepalive": 5,
+        "errorlog": "-",
+        "loglevel": "info",
+    }
+    if access_log:
+        options["accesslog"] = "-"
+    return options
+
+
+@click.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--workers", type=int, default=None, help="gunicorn workers [default: WEB_CONCURRENCY or 2]")
+@click.option("--gunicorn-config", type=click.Path(exists=True, dir_okay=False), help="A gunicorn config file.")
+@click.option("--access-log/--no-access-log", default=False, show_default=True)
+@click.pass_context
+def serve(
+    click_ctx: click.Context, host: str, port: int, workers: int | None, gunicorn_config: str | None, access_log: bool
+) -> None:
+    """Serve the webhook under gunicorn."""
+    from gunicorn.app.base import BaseApplication
+
+    settings_or_exit()  # fail here, once, with the variable's name
+    if workers is None:
+        workers = int(os.environ.get("WEB_CONCURRENCY", DEFAULT_WEB_WORKERS))
+    defaults = gunicorn_options(host, port, workers, access_log)
+    # Precedence: built-in defaults, then the config file, then flags typed on
+    # the command line.
+    explicit = {
+        name
+        for name in ("host", "port", "workers")
+        if click_ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+    }
+    overrides: dict[str, Any] = {}
+    if explicit & {"host", "port"}:
+        overrides["bind"] = defaults["bind"]
+    if "workers" in explicit:
+        overrides["workers"] = workers
+
+    class WebApplication(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            for key, value in defaults.items():
+                self.cfg.set(key, value)
+            if gunicorn_config:
+                self.load_config_from_file(gunicorn_config)
+            for key, value in overrides.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            from webhook import create_app
+
+            return create_app()
+
+    WebApplication().run()
+
+
+@click.command("worker")
+@click.option("--burst", is_flag=True, help="Drain the outbox and the queues, then exit.")
+@click.option("--no-dispatcher", is_flag=True, help="Do not run the outbox dispatcher in this worker.")
+@click.option("--name", default=None, help="Worker name (default: RQ's).")
+def worker(burst: bool, no_dispatcher: bool, name: str | None) -> None:
+    """Run an RQ worker for wxcoupon's queues (and the outbox dispatcher)."""
+    from webhook.logs import configure_logging
+
+    settings = settings_or_exit()
+    configure_logging(settings.log_format)
+    ctx = build_context(settings)
+    try:
+        ok = run_worker(ctx, burst=burst, dispatcher=not no_dispatcher, name=name)
+    except redis.RedisError as exc:
+        raise click.ClickException(f"redis unreachable: {type(exc).__name__}: {exc}") from None
+    if not ok and burst:
+        raise SystemExit(1)
+
+
+@click.command("sweep")
+def sweep() -> None:
+    """Enqueue every pending event now (workers also do this on their own)."""
+    settings = settings_or_exit()
+    ctx = build_context(settings)
+    try:
+        released = reap_orphans(ctx)
+        queued = dispatch_all(ctx)
+    except redis.RedisError as exc:
+        raise click.ClickException(f"redis unreachable, events stay pending: {type(exc).__name__}") from None
+    click.echo(f"queued {queued} pending event(s); released {released} orphaned")
