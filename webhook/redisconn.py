@@ -38,3 +38,11 @@ def embedded_url(client: redis.Redis) -> str:
     if not socket_file:
         raise ValueError("not an embedded Redis client")
     return f"unix://{socket_file}"
+
+
+def stop_embedded_redis(client: redis.Redis) -> None:
+    """Save and stop an embedded Redis server (its data stays in the instance folder)."""
+    try:
+        client.shutdown(save=True)  # redis-py treats the dropped connection as success
+    except redis.RedisError:
+        pass

@@ -16,7 +16,7 @@ import click
 
 from webhook import schema
 from webhook.config import DEFAULT_INSTANCE_PATH, DEV_ENV_FILE, Settings
-from webhook.redisconn import embedded_url, start_embedded_redis
+from webhook.redisconn import embedded_url, start_embedded_redis, stop_embedded_redis
 from webhook.store import make_engine
 
 from .common import settings_or_exit
@@ -143,5 +143,5 @@ def dev(host: str, port: int) -> None:
         click.echo("stopping...", err=True)
         sup.stop()
         if embedded is not None:
-            embedded.shutdown(save=True, now=True) if hasattr(embedded, "shutdown") else None
+            stop_embedded_redis(embedded)
     raise SystemExit(exit_code)

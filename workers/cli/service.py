@@ -30,6 +30,9 @@ def gunicorn_options(host: str, port: int, workers: int, access_log: bool) -> di
         "keepalive": 5,
         "errorlog": "-",
         "loglevel": "info",
+        # gunicorn 25+ opens a control socket at a fixed per-user path; two
+        # instances on one host would fight over it, and nothing here uses it.
+        "control_socket_disable": True,
     }
     if access_log:
         options["accesslog"] = "-"
@@ -66,10 +69,11 @@ def serve(
     if "workers" in explicit:
         overrides["workers"] = workers
 
-    class WebApplication(BaseApplication):  # type: ignore[misc]
+    class WebApplication(BaseApplication):
         def load_config(self) -> None:
             for key, value in defaults.items():
-                self.cfg.set(key, value)
+                if key in self.cfg.settings:  # settings differ across gunicorn versions
+                    self.cfg.set(key, value)
             if gunicorn_config:
                 self.load_config_from_file(gunicorn_config)
             for key, value in overrides.items():

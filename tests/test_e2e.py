@@ -1,0 +1,100 @@
+"""End to end over real processes: serve, simulate, worker, events list."""
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from webhook.config import Settings
+from webhook.events import CARD_EVENTS
+
+from . import procs
+from .pushes import make_push
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def server(settings: Settings, tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """`wxcoupon serve` on a free loopback port; yields its URL and environment."""
+    env = procs.settings_env(settings)
+    port = procs.free_port()
+    log = tmp_path / "serve.log"
+    proc = procs.start(["serve", "--port", str(port), "--workers", "2"], env, log)
+    url = f"http://127.0.0.1:{port}/wechat"
+    procs.wait_http(url, proc, log)
+    yield url, env
+    procs.stop(proc)
+
+
+def test_simulate_each_card_event_then_worker_then_events_list(server: tuple[str, dict[str, str]]) -> None:
+    """Every card event type posted by `wxcoupon simulate` is stored once, processed by a worker, listed."""
+    url, env = server
+    for i, event in enumerate(CARD_EVENTS):
+        result = procs.wxcoupon(
+            ["simulate", event, "--url", url, "--field", f"UserCardCode={500000000000 + i}",
+             "--field", "OuterStr=e2e", "--repeat", "2"],
+            env,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.count("200 success") == 2
+    worker = procs.wxcoupon(["worker", "--burst"], env)
+    assert worker.returncode == 0, worker.stdout + worker.stderr
+    listed = procs.wxcoupon(["events", "list", "--json"], env)
+    assert listed.returncode == 0, listed.stderr
+    lines = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert sorted(r["event"] for r in lines) == sorted(CARD_EVENTS)
+    assert {r["status"] for r in lines} == {"processed"}
+    for row in lines:
+        assert {"id", "event", "openid", "card_id", "code", "outer_str", "unionid", "status",
+                "received_at", "create_time"} <= set(row)
+    filtered = procs.wxcoupon(["events", "list", "--json", "--event", "user_get_card", "--since", "1h"], env)
+    [got] = [json.loads(line) for line in filtered.stdout.splitlines()]
+    assert got["event"] == "user_get_card" and got["outer_str"] == "e2e" and got["openid"]
+
+
+def test_concurrent_copies_on_different_processes_make_one_event(
+    server: tuple[str, dict[str, str]], settings: Settings
+) -> None:
+    """The same pushes sent 8 times at once to a 2-process server: one row each, all answered success."""
+    url, env = server
+    pushes = [make_push(settings, UserCardCode=f"{700000000000 + i}") for i in range(10)]
+    answers: list[Any] = []
+    lock = threading.Lock()
+
+    def fire(query: dict[str, str], body: bytes) -> None:
+        with requests.Session() as session:
+            resp = session.post(url, params=query, data=body, timeout=10)
+        with lock:
+            answers.append((resp.status_code, resp.text))
+
+    threads = [threading.Thread(target=fire, args=p) for p in pushes for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers == [(200, "success")] * 80
+    listed = procs.wxcoupon(["events", "list", "--json"], env)
+    codes = sorted(json.loads(line)["code"] for line in listed.stdout.splitlines())
+    assert codes == sorted(f"{700000000000 + i}" for i in range(10))
+
+
+def test_missing_token_stops_at_start_naming_the_variable(settings: Settings) -> None:
+    """A service without WECHAT_TOKEN refuses to start and says which variable is missing."""
+    env = procs.settings_env(settings)
+    env.pop("WECHAT_TOKEN")
+    result = procs.wxcoupon(["serve", "--port", str(procs.free_port())], env, cwd=settings.instance_path.parent)
+    assert result.returncode != 0
+    assert "WECHAT_TOKEN" in result.stderr
+
+
+def test_malformed_aes_key_stops_at_start(settings: Settings) -> None:
+    """A 42-character EncodingAESKey is named as malformed at start."""
+    env = procs.settings_env(settings, WECHAT_AES_KEY="a" * 42)
+    result = procs.wxcoupon(["worker", "--burst"], env, cwd=settings.instance_path.parent)
+    assert result.returncode != 0 and "WECHAT_AES_KEY" in result.stderr
