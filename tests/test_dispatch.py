@@ -120,3 +120,36 @@ def test_concurrent_dispatchers_never_queue_an_event_twice(
     assert not errors
     ids = queued_ids(ctx)
     assert sorted(ids) == list(range(1, 61))
+
+
+def test_one_failing_event_fails_alone_and_keeps_its_error(
+    client: Any, settings: Settings, worker_ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handler error (in either phase) marks only its own event failed; the rest commit."""
+    from workers import handlers
+    from workers.jobs import EventsFailedError
+
+    def fetch(ctx: WorkerContext, row: dict[str, Any]) -> str:
+        if row["code"] == "100000000001":
+            raise RuntimeError("weixin said no")
+        return str(row["code"])
+
+    def apply(ctx: WorkerContext, conn: Any, row: dict[str, Any], fetched: str) -> None:
+        conn.execute(sa.update(events).where(events.c.id == row["id"]).values(outer_str="touched"))
+        if fetched == "100000000002":
+            raise ValueError("bad row")
+
+    monkeypatch.setitem(handlers.HANDLERS, "user_get_card", handlers.Handler(fetch=fetch, apply=apply))
+    push_n(client, settings, 4)
+    with pytest.raises(EventsFailedError) as raised:
+        process_events([1, 2, 3, 4])
+    assert set(raised.value.failed) == {2, 3}
+    with worker_ctx.engine.connect() as conn:
+        got = conn.execute(sa.select(events.c.status, events.c.outer_str, events.c.last_error).order_by(events.c.id)).all()
+    assert [g[0] for g in got] == ["processed", "failed", "failed", "processed"]
+    assert got[2][1] != "touched"  # the failed event's writes were rolled back
+    assert got[0][1] == "touched" and got[3][1] == "touched"
+    assert "weixin said no" in got[1][2] and "bad row" in got[2][2]
+    # A later run retries only the failed ones.
+    monkeypatch.setitem(handlers.HANDLERS, "user_get_card", handlers.Handler())
+    assert process_events([1, 2, 3, 4]) == {"processed": 2, "skipped": 2}

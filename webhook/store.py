@@ -1,9 +1,10 @@
 """The durable event store: schema, engine, and the statements that move events."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -31,6 +32,7 @@ from .config import Settings
 # How long a SQLite writer waits for another's lock. Weixin waits 5 s for the
 # answer; failing after 2 s leaves time to answer 503 so that it retries.
 SQLITE_BUSY_SECONDS = 2.0
+IMMEDIATE_OPTION = "wxcoupon_begin_immediate"
 
 # SQLite wants INTEGER PRIMARY KEY for a rowid alias; PostgreSQL a BIGINT identity.
 IdType = BigInteger().with_variant(Integer(), "sqlite")
@@ -112,9 +114,28 @@ def make_engine(settings: Settings) -> Engine:
             cursor.execute(f"PRAGMA synchronous={synchronous}")
             cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_SECONDS * 1000)}")
             cursor.close()
+            # Let SQLAlchemy, not the driver, emit BEGIN (savepoints need it).
+            dbapi_connection.isolation_level = None
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Connection) -> None:
+            # A transaction that reads and then writes must take the write lock
+            # up front: in WAL mode an upgrade after another writer's commit
+            # fails at once with SQLITE_BUSY instead of waiting its turn.
+            immediate = conn.get_execution_options().get(IMMEDIATE_OPTION, False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+@contextlib.contextmanager
+def writing(engine: Engine) -> Iterator[Connection]:
+    """A transaction that reads then writes (takes SQLite's write lock at BEGIN)."""
+    with engine.connect() as conn:
+        conn = conn.execution_options(**{IMMEDIATE_OPTION: True})
+        with conn.begin():
+            yield conn
 
 
 def _insert_for(conn: Connection) -> Any:
@@ -212,6 +233,14 @@ def get_event(conn: Connection, event_id: int) -> dict[str, Any] | None:
     """One event row as a dict, or None."""
     row = conn.execute(select(events).where(events.c.id == event_id)).mappings().first()
     return dict(row) if row is not None else None
+
+
+def get_events(conn: Connection, ids: Sequence[int]) -> list[dict[str, Any]]:
+    """Event rows for these ids, in id order."""
+    if not ids:
+        return []
+    stmt = select(events).where(events.c.id.in_(ids)).order_by(events.c.id)
+    return [dict(r) for r in conn.execute(stmt).mappings()]
 
 
 def list_events(

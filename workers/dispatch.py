@@ -13,7 +13,7 @@ from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
-from webhook.store import EventStatus, claim_pending, mark_queued, release_jobs, stale_job_ids, utcnow
+from webhook.store import EventStatus, claim_pending, mark_queued, release_jobs, stale_job_ids, utcnow, writing
 
 from .context import EVENTS_QUEUE, WorkerContext
 
@@ -45,7 +45,7 @@ def dispatch_once(ctx: WorkerContext, limit: int | None = None) -> int:
     settings = ctx.settings
     limit = limit or settings.dispatch_batch
     queue = Queue(ctx.queue_name(EVENTS_QUEUE), connection=ctx.redis)
-    with ctx.engine.begin() as conn:
+    with writing(ctx.engine) as conn:
         candidates = claim_pending(conn, limit)
         if not candidates:
             return 0

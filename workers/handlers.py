@@ -1,23 +1,44 @@
-"""What happens to one stored event: the per-event-type handlers."""
+"""What happens to one stored event: per-event-type handlers in two phases.
+
+`fetch` may call Weixin and must not write the database; `apply` only writes,
+inside the batch's transaction. Keeping network calls out of the transaction
+keeps SQLite's single write lock short, so intake never waits behind a worker.
+"""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.engine import Connection
 
 from .context import WorkerContext
 
-Handler = Callable[[WorkerContext, Connection, dict[str, Any]], None]
+Row = dict[str, Any]
 
 
-def acknowledge(ctx: WorkerContext, conn: Connection, event: dict[str, Any]) -> None:
-    """Events that need no work beyond being stored (the default)."""
+def _no_fetch(ctx: WorkerContext, event: Row) -> None:
+    return None
 
+
+def _no_apply(ctx: WorkerContext, conn: Connection, event: Row, fetched: Any) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Handler:
+    """The two phases of handling one event type."""
+
+    fetch: Callable[[WorkerContext, Row], Any] = _no_fetch
+    apply: Callable[[WorkerContext, Connection, Row, Any], None] = _no_apply
+
+
+# Events that need nothing beyond being stored (the default).
+ACKNOWLEDGE = Handler()
 
 HANDLERS: dict[str, Handler] = {}
 
 
-def handler_for(event: dict[str, Any]) -> Handler:
+def handler_for(event: Row) -> Handler:
     """The handler for an event row (by its Event, else its MsgType)."""
-    return HANDLERS.get(event.get("event") or event.get("msg_type") or "", acknowledge)
+    return HANDLERS.get(event.get("event") or event.get("msg_type") or "", ACKNOWLEDGE)
