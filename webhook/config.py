@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -62,9 +63,9 @@ class Settings:
             url = f"sqlite:///{(self.instance_path / 'wxcoupon.sqlite3').resolve()}"
             object.__setattr__(self, "database_url", url)
 
-    @property
+    @functools.cached_property
     def aes_keys(self) -> tuple[bytes, ...]:
-        """The AES keys to try when decrypting: current first, then previous."""
+        """The AES keys to try when decrypting: current first, then previous (decoded once)."""
         keys = []
         for variable, value in (
             ("WECHAT_AES_KEY", self.encoding_aes_key),

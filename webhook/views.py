@@ -25,7 +25,7 @@ def _plain(text: str, status: int = 200) -> Response:
 def verify() -> Response:
     """URL verification: echo `echostr` when the signature is Weixin's."""
     settings = db.get_settings()
-    echostr = verify_url(request.args, settings.token)
+    echostr = verify_url(request.args, settings.token, tolerance=settings.timestamp_tolerance)
     return _plain(echostr)
 
 
