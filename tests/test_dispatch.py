@@ -63,7 +63,7 @@ def test_worker_processes_queued_events_and_a_rerun_changes_nothing(
     with worker_ctx.engine.connect() as conn:
         attempts = list(conn.execute(sa.select(events.c.attempts)).scalars())
     assert attempts == [1] * 4
-    assert process_events([1, 2, 3, 4]) == {"processed": 0, "skipped": 4}
+    assert process_events([1, 2, 3, 4]) == {"processed": 0, "retrying": 0, "failed": 0, "dead": 0, "skipped": 4}
     assert statuses(worker_ctx) == ["processed"] * 4
 
 
@@ -127,7 +127,7 @@ def test_one_failing_event_fails_alone_and_keeps_its_error(
 ) -> None:
     """A handler error (in either phase) marks only its own event failed; the rest commit."""
     from workers import handlers
-    from workers.jobs import EventsFailedError
+    from workers.batch import BatchFailedError
 
     def fetch(ctx: WorkerContext, row: dict[str, Any]) -> str:
         if row["code"] == "100000000001":
@@ -141,7 +141,7 @@ def test_one_failing_event_fails_alone_and_keeps_its_error(
 
     monkeypatch.setitem(handlers.HANDLERS, "user_get_card", handlers.Handler(fetch=fetch, apply=apply))
     push_n(client, settings, 4)
-    with pytest.raises(EventsFailedError) as raised:
+    with pytest.raises(BatchFailedError) as raised:
         process_events([1, 2, 3, 4])
     assert set(raised.value.failed) == {2, 3}
     with worker_ctx.engine.connect() as conn:
@@ -152,4 +152,53 @@ def test_one_failing_event_fails_alone_and_keeps_its_error(
     assert "weixin said no" in got[1][2] and "bad row" in got[2][2]
     # A later run retries only the failed ones.
     monkeypatch.setitem(handlers.HANDLERS, "user_get_card", handlers.Handler())
-    assert process_events([1, 2, 3, 4]) == {"processed": 2, "skipped": 2}
+    assert process_events([1, 2, 3, 4])["processed"] == 2
+
+
+def _attempt_outcomes(ctx: WorkerContext, event_id: int) -> list[str]:
+    from webhook.store import list_attempts
+
+    with ctx.engine.connect() as conn:
+        return [a["outcome"] for a in list_attempts(conn, event_id)]
+
+
+def _burst(ctx: WorkerContext) -> None:
+    queue = Queue(ctx.queue_name(EVENTS_QUEUE), connection=ctx.redis)
+    SimpleWorker([queue], connection=ctx.redis).work(burst=True, with_scheduler=False)
+
+
+@pytest.mark.parametrize("outcome", ["recovers", "always busy", "permanent"])
+def test_transient_failures_retry_through_rq_then_die_and_permanent_ones_fail_once(
+    client: Any, settings: Settings, worker_ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch, outcome: str
+) -> None:
+    """-1 busy retries (RQ retry of the same job) until it works or is dead; a permanent error fails at once."""
+    from workers import handlers
+    from workers.weixin_api import TransientWeixinError, WeixinAPIError
+
+    calls: list[int] = []
+
+    def fetch(ctx: WorkerContext, row: dict[str, Any]) -> None:
+        calls.append(row["id"])
+        if outcome == "permanent":
+            raise WeixinAPIError(40053, "invalid action")
+        if outcome == "always busy" or len(calls) == 1:
+            raise TransientWeixinError(-1, "system error")
+
+    monkeypatch.setitem(handlers.HANDLERS, "user_get_card", handlers.Handler(fetch=fetch))
+    ctx = WorkerContext(settings=settings.with_overrides(retry_intervals=(0, 0, 0)), engine=worker_ctx.engine,
+                        redis=worker_ctx.redis)
+    push_n(client, settings, 1)
+    dispatch_all(ctx)
+    _burst(ctx)
+    with ctx.engine.connect() as conn:
+        status, attempts, error = conn.execute(sa.select(events.c.status, events.c.attempts, events.c.last_error)).one()
+    if outcome == "recovers":
+        assert (status, attempts, error) == ("processed", 2, None)
+        assert _attempt_outcomes(ctx, 1) == ["retrying", "processed"]
+    elif outcome == "always busy":
+        assert (status, attempts) == ("dead", 4) and "-1" in error
+        assert _attempt_outcomes(ctx, 1) == ["retrying", "retrying", "retrying", "dead"]
+    else:
+        assert (status, attempts) == ("failed", 1) and "40053" in error
+        assert _attempt_outcomes(ctx, 1) == ["failed"]
+        assert len(calls) == 1  # RQ's retries of the job did not touch the failed event again

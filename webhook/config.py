@@ -18,6 +18,7 @@ DEFAULT_API_BASE = "https://api.weixin.qq.com"
 DEFAULT_DISPATCH_INTERVAL = 0.5  # seconds between outbox polls in a worker
 DEFAULT_DISPATCH_BATCH = 200  # events moved to RQ per dispatcher pass
 DEFAULT_JOB_BATCH = 50  # events handled by one RQ job
+DEFAULT_RETRY_INTERVALS = (10, 60, 300)  # seconds before each RQ retry of a transient failure
 DEFAULT_SQLITE_SYNCHRONOUS = "FULL"  # fsync on every commit: acked means on disk
 DEV_ENV_FILE = "dev.env"  # the local account `wxcoupon dev` generates, in the instance folder
 
@@ -54,6 +55,7 @@ class Settings:
     dispatch_interval: float = DEFAULT_DISPATCH_INTERVAL
     dispatch_batch: int = DEFAULT_DISPATCH_BATCH
     job_batch: int = DEFAULT_JOB_BATCH
+    retry_intervals: tuple[int, ...] = DEFAULT_RETRY_INTERVALS
     sqlite_synchronous: str = DEFAULT_SQLITE_SYNCHRONOUS
     queue_prefix: str = "wxcoupon"
     log_format: str = "text"
@@ -117,6 +119,19 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _intervals(env: Mapping[str, str], name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        values = tuple(int(part) for part in raw.split(","))
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated seconds, e.g. 10,60,300 (got {raw!r})") from None
+    if any(v < 0 for v in values):
+        raise ConfigError(f"{name} must not be negative")
+    return values
+
+
 def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) -> Settings:
     """Read and validate settings; raises ConfigError naming the bad variable."""
     if env is None:
@@ -171,6 +186,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) 
         dispatch_interval=_float(env, "WXCOUPON_DISPATCH_INTERVAL", DEFAULT_DISPATCH_INTERVAL),
         dispatch_batch=_int(env, "WXCOUPON_DISPATCH_BATCH", DEFAULT_DISPATCH_BATCH, minimum=1),
         job_batch=_int(env, "WXCOUPON_JOB_BATCH", DEFAULT_JOB_BATCH, minimum=1),
+        retry_intervals=_intervals(env, "WXCOUPON_RETRY_INTERVALS", DEFAULT_RETRY_INTERVALS),
         sqlite_synchronous=synchronous,
         queue_prefix=env.get("WXCOUPON_QUEUE_PREFIX", "wxcoupon").strip() or "wxcoupon",
         log_format=log_format,

@@ -13,6 +13,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Engine,
+    ForeignKey,
     Index,
     Integer,
     MetaData,
@@ -91,6 +92,32 @@ events = Table(
 )
 
 
+class AttemptOutcome(str, enum.Enum):
+    """How one attempt at an event ended."""
+
+    PROCESSED = "processed"
+    FAILED = "failed"  # permanent error: waits for a replay
+    RETRYING = "retrying"  # transient error: RQ will run it again
+    DEAD = "dead"  # transient error on the last retry
+
+
+# One row per attempt at an event: what `wxcoupon events show` tells.
+event_attempts = Table(
+    "event_attempts",
+    metadata,
+    Column("id", IdType, primary_key=True, autoincrement=True),
+    Column("event_id", IdType, ForeignKey("events.id", ondelete="CASCADE"), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("job_id", String(64)),
+    Column("worker", Text),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("error", Text),
+    Index(None, "event_id"),
+)
+
+
 def utcnow() -> dt.datetime:
     """The current time, timezone-aware UTC (what every timestamp column holds)."""
     return dt.datetime.now(dt.timezone.utc)
@@ -160,73 +187,56 @@ def insert_event(conn: Connection, row: dict[str, Any]) -> int | None:
     return int(found) if found is not None else None
 
 
-def claim_pending(conn: Connection, limit: int) -> list[int]:
-    """Ids of the oldest pending events (the outbox), at most `limit`."""
+# The outbox statements below work on any table with the work columns of
+# `events` (id, status, job_id, attempts, last_error, updated_at): the events
+# and the Mini Program records move through the same life.
+
+
+def claim_pending(conn: Connection, limit: int, table: Table = events) -> list[int]:
+    """Ids of the oldest pending rows (the outbox), at most `limit`."""
     stmt = (
-        select(events.c.id)
-        .where(events.c.status == EventStatus.PENDING.value)
-        .order_by(events.c.id)
+        select(table.c.id)
+        .where(table.c.status == EventStatus.PENDING.value)
+        .order_by(table.c.id)
         .limit(limit)
     )
     return [int(i) for i in conn.execute(stmt).scalars()]
 
 
-def mark_queued(conn: Connection, ids: Sequence[int], job_id: str) -> list[int]:
-    """Move pending events to queued under `job_id`; return the ids this call won."""
+def mark_queued(conn: Connection, ids: Sequence[int], job_id: str, table: Table = events) -> list[int]:
+    """Move pending rows to queued under `job_id`; return the ids this call won."""
     if not ids:
         return []
     conn.execute(
-        update(events)
-        .where(events.c.id.in_(ids), events.c.status == EventStatus.PENDING.value)
+        update(table)
+        .where(table.c.id.in_(ids), table.c.status == EventStatus.PENDING.value)
         .values(status=EventStatus.QUEUED.value, job_id=job_id, updated_at=utcnow())
     )
-    won = select(events.c.id).where(events.c.job_id == job_id, events.c.status == EventStatus.QUEUED.value)
+    won = select(table.c.id).where(table.c.job_id == job_id, table.c.status == EventStatus.QUEUED.value)
     return sorted(int(i) for i in conn.execute(won).scalars())
 
 
-def release_jobs(conn: Connection, job_ids: Iterable[str]) -> int:
-    """Put events of jobs that never reached Redis back to pending."""
+def release_jobs(conn: Connection, job_ids: Iterable[str], table: Table = events) -> int:
+    """Put rows of jobs that never reached Redis back to pending."""
     job_ids = list(job_ids)
     if not job_ids:
         return 0
     result = conn.execute(
-        update(events)
-        .where(events.c.job_id.in_(job_ids), events.c.status == EventStatus.QUEUED.value)
+        update(table)
+        .where(table.c.job_id.in_(job_ids), table.c.status == EventStatus.QUEUED.value)
         .values(status=EventStatus.PENDING.value, job_id=None, updated_at=utcnow())
     )
     return int(result.rowcount or 0)
 
 
-def stale_job_ids(conn: Connection, status: EventStatus, before: dt.datetime) -> list[str]:
-    """Job ids of events left in `status` since before `before`."""
+def stale_job_ids(conn: Connection, status: EventStatus, before: dt.datetime, table: Table = events) -> list[str]:
+    """Job ids of rows left in `status` since before `before`."""
     stmt = (
-        select(events.c.job_id)
-        .where(events.c.status == status.value, events.c.updated_at < before, events.c.job_id.is_not(None))
+        select(table.c.job_id)
+        .where(table.c.status == status.value, table.c.updated_at < before, table.c.job_id.is_not(None))
         .distinct()
     )
     return [str(j) for j in conn.execute(stmt).scalars()]
-
-
-def set_status(
-    conn: Connection,
-    event_id: int,
-    status: EventStatus,
-    *,
-    expect: Sequence[EventStatus] | None = None,
-    error: str | None = None,
-    count_attempt: bool = False,
-) -> bool:
-    """Move one event to `status` if it is in one of `expect`; True when it moved."""
-    values: dict[str, Any] = {"status": status.value, "updated_at": utcnow()}
-    if error is not None or status in (EventStatus.PROCESSED, EventStatus.PROCESSING):
-        values["last_error"] = error
-    if count_attempt:
-        values["attempts"] = events.c.attempts + 1
-    stmt = update(events).where(events.c.id == event_id)
-    if expect is not None:
-        stmt = stmt.where(events.c.status.in_([s.value for s in expect]))
-    result = conn.execute(stmt.values(**values))
-    return bool(result.rowcount)
 
 
 def get_event(conn: Connection, event_id: int) -> dict[str, Any] | None:
@@ -272,49 +282,64 @@ def count_by_status(conn: Connection) -> dict[str, int]:
     return {str(s): int(n) for s, n in conn.execute(stmt).all()}
 
 
-def start_processing(conn: Connection, ids: Sequence[int], job_id: str | None) -> list[int]:
-    """Mark these events processing (one attempt more); return the ids that moved.
+def start_processing(conn: Connection, ids: Sequence[int], job_id: str | None, table: Table = events) -> list[int]:
+    """Mark these rows processing (one attempt more); return the ids that moved.
 
-    Only events not yet processed move, so a job run twice, or a replay of a
-    processed event, does nothing.
+    In a job, only rows queued for that job move: a job run twice, an RQ retry
+    after some rows succeeded, or a stale job after a replay touch nothing
+    else. Without a job (a direct call), any row not yet processed moves.
     """
     if not ids:
         return []
-    startable = [EventStatus.QUEUED.value, EventStatus.PENDING.value, EventStatus.FAILED.value]
+    stmt = update(table).where(table.c.id.in_(ids))
+    if job_id is not None:
+        stmt = stmt.where(table.c.status == EventStatus.QUEUED.value, table.c.job_id == job_id)
+    else:
+        startable = [EventStatus.QUEUED.value, EventStatus.PENDING.value, EventStatus.FAILED.value]
+        stmt = stmt.where(table.c.status.in_(startable))
     conn.execute(
-        update(events)
-        .where(events.c.id.in_(ids), events.c.status.in_(startable))
-        .values(
+        stmt.values(
             status=EventStatus.PROCESSING.value,
-            attempts=events.c.attempts + 1,
+            attempts=table.c.attempts + 1,
             job_id=job_id,
             updated_at=utcnow(),
         )
     )
-    moved = select(events.c.id).where(events.c.id.in_(ids), events.c.status == EventStatus.PROCESSING.value)
+    moved = select(table.c.id).where(table.c.id.in_(ids), table.c.status == EventStatus.PROCESSING.value)
     if job_id is not None:
-        moved = moved.where(events.c.job_id == job_id)
+        moved = moved.where(table.c.job_id == job_id)
     return sorted(int(i) for i in conn.execute(moved).scalars())
 
 
-def finish_processing(conn: Connection, ids: Sequence[int]) -> int:
-    """Mark events processed (from processing); return how many moved."""
+def finish_processing(conn: Connection, ids: Sequence[int], table: Table = events) -> int:
+    """Mark rows processed (from processing); return how many moved."""
     if not ids:
         return 0
     result = conn.execute(
-        update(events)
-        .where(events.c.id.in_(ids), events.c.status == EventStatus.PROCESSING.value)
+        update(table)
+        .where(table.c.id.in_(ids), table.c.status == EventStatus.PROCESSING.value)
         .values(status=EventStatus.PROCESSED.value, last_error=None, updated_at=utcnow())
     )
     return int(result.rowcount or 0)
 
 
-def fail_processing(conn: Connection, event_id: int, error: str, *, dead: bool = False) -> bool:
-    """Mark one processing event failed (or dead) with a short error."""
-    status = EventStatus.DEAD if dead else EventStatus.FAILED
+def fail_processing(conn: Connection, row_id: int, error: str, status: EventStatus, table: Table = events) -> bool:
+    """Move one processing row to failed, dead, or back to queued for an RQ retry."""
     result = conn.execute(
-        update(events)
-        .where(events.c.id == event_id, events.c.status == EventStatus.PROCESSING.value)
+        update(table)
+        .where(table.c.id == row_id, table.c.status == EventStatus.PROCESSING.value)
         .values(status=status.value, last_error=error[:1000], updated_at=utcnow())
     )
     return bool(result.rowcount)
+
+
+def add_attempts(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """Record attempts (event_id, attempt, job_id, worker, started_at, finished_at, outcome, error)."""
+    if rows:
+        conn.execute(event_attempts.insert(), list(rows))
+
+
+def list_attempts(conn: Connection, event_id: int) -> list[dict[str, Any]]:
+    """Every attempt at one event, oldest first."""
+    stmt = select(event_attempts).where(event_attempts.c.event_id == event_id).order_by(event_attempts.c.id)
+    return [dict(r) for r in conn.execute(stmt).mappings()]

@@ -16,6 +16,7 @@ from rq.job import Job, JobStatus
 from webhook.store import EventStatus, claim_pending, mark_queued, release_jobs, stale_job_ids, utcnow, writing
 
 from .context import EVENTS_QUEUE, WorkerContext
+from .failures import job_retry
 
 log = logging.getLogger("wxcoupon.dispatch")
 
@@ -57,7 +58,9 @@ def dispatch_once(ctx: WorkerContext, limit: int | None = None) -> int:
                 batches.append((job_id, won))
     try:
         datas = [
-            Queue.prepare_data(PROCESS_EVENTS, args=(ids,), job_id=job_id, description=f"process {len(ids)} events")
+            Queue.prepare_data(
+                PROCESS_EVENTS, args=(ids,), job_id=job_id, description=f"process {len(ids)} events", retry=job_retry(settings.retry_intervals)
+            )
             for job_id, ids in batches
         ]
         with ctx.redis.pipeline() as pipe:

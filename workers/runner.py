@@ -33,7 +33,8 @@ def run_worker(ctx: WorkerContext, *, burst: bool = False, dispatcher: bool = Tr
     if thread is not None:
         thread.start()
     try:
-        return bool(worker.work(logging_level="INFO"))
+        # The scheduler runs RQ's delayed retries of failed batches.
+        return bool(worker.work(logging_level="INFO", with_scheduler=True))
     finally:
         if thread is not None:
             thread.stop()

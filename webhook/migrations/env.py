@@ -4,6 +4,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
+import webhook.cardstore  # noqa: F401  (registers its tables on the metadata)
 from webhook.store import metadata
 
 config = context.config

@@ -1,0 +1,34 @@
+"""Which failures are worth retrying, and how RQ retries them."""
+from __future__ import annotations
+
+import redis
+import requests
+from rq import Retry
+from sqlalchemy.exc import OperationalError
+
+def job_retry(intervals: tuple[int, ...]) -> Retry | None:
+    """The RQ retry policy of a batch job (WXCOUPON_RETRY_INTERVALS).
+
+    Transient failures retry after these delays; after the last one the row is
+    `dead` and only a replay revives it.
+    """
+    if not intervals:
+        return None
+    return Retry(max=len(intervals), interval=list(intervals))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures that a later attempt may not meet (busy, network, locks)."""
+    from .weixin_api import AmbiguousTimeoutError, TokenError, TransientWeixinError
+
+    if isinstance(exc, AmbiguousTimeoutError):
+        # The change may have been applied; repeating it blindly is not safe.
+        return False
+    if isinstance(exc, (TransientWeixinError, TokenError)):
+        return True
+    return isinstance(exc, (redis.RedisError, requests.ConnectionError, requests.Timeout, OperationalError))
+
+
+def describe(exc: BaseException) -> str:
+    """A short error text for the status column: type and message, no payload."""
+    return f"{type(exc).__name__}: {exc}"[:1000]
