@@ -1,8 +1,10 @@
 """What a worker process holds: settings, engine and Redis, made once, passed on."""
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import redis
 from sqlalchemy import Engine
@@ -10,6 +12,9 @@ from sqlalchemy import Engine
 from webhook.config import Settings, load_settings
 from webhook.redisconn import connect_redis
 from webhook.store import make_engine
+
+if TYPE_CHECKING:
+    from .weixin_api import WeixinClient
 
 # Queues split by purpose: intake events never wait behind slow API work.
 EVENTS_QUEUE = "events"
@@ -23,6 +28,13 @@ class WorkerContext:
     settings: Settings
     engine: Engine
     redis: redis.Redis
+
+    @functools.cached_property
+    def weixin(self) -> WeixinClient:
+        """The Weixin API client of this account (tokens shared through Redis)."""
+        from .weixin_api import WeixinClient
+
+        return WeixinClient.from_settings(self.settings, self.redis)
 
     def queue_name(self, purpose: str) -> str:
         """The RQ queue name for a purpose, under this deployment's prefix."""

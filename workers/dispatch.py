@@ -5,15 +5,18 @@ import datetime as dt
 import logging
 import secrets
 import threading
-
 import time
+from dataclasses import dataclass
 
 import redis
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
-from webhook.store import EventStatus, claim_pending, mark_queued, release_jobs, stale_job_ids, utcnow, writing
+from sqlalchemy import Table
+
+from webhook.cardstore import mp_records
+from webhook.store import EventStatus, events, claim_pending, mark_queued, release_jobs, stale_job_ids, utcnow, writing
 
 from .context import EVENTS_QUEUE, WorkerContext
 from .failures import job_retry
@@ -21,6 +24,7 @@ from .failures import job_retry
 log = logging.getLogger("wxcoupon.dispatch")
 
 PROCESS_EVENTS = "workers.jobs.process_events"
+PROCESS_MP_RECORDS = "workers.jobs.process_mp_records"
 # One dispatcher at a time across all workers: concurrent ones would be safe
 # (the status update decides who wins each event) but would only contend.
 LOCK_TTL = 30
@@ -33,71 +37,94 @@ def _chunks(ids: list[int], size: int) -> list[list[int]]:
     return [ids[i : i + size] for i in range(0, len(ids), size)]
 
 
-def dispatch_once(ctx: WorkerContext, limit: int | None = None) -> int:
-    """Move up to `limit` pending events into RQ jobs; return how many were queued.
+@dataclass(frozen=True)
+class Outbox:
+    """A table whose pending rows the dispatcher moves into jobs of `job`."""
 
-    Order matters for "never lost, never queued twice": the events are first
+    table: Table
+    job: str
+    prefix: str
+
+
+# The events pushed by Weixin, and the records the Mini Program reported.
+OUTBOXES = (
+    Outbox(events, PROCESS_EVENTS, "evt"),
+    Outbox(mp_records, PROCESS_MP_RECORDS, "mpr"),
+)
+
+
+def dispatch_once(ctx: WorkerContext, limit: int | None = None) -> int:
+    """Move up to `limit` pending rows of each outbox into RQ jobs; return how many were queued.
+
+    Order matters for "never lost, never queued twice": the rows are first
     marked queued under fresh job ids in one transaction (only rows still
-    pending are taken, so two dispatchers never share an event), then the jobs
-    are enqueued in one Redis pipeline. If Redis fails, the same job ids are
+    pending are taken, so two dispatchers never share one), then the jobs are
+    enqueued in one Redis pipeline. If Redis fails, the same job ids are
     released back to pending. If the process dies in between, the reaper finds
-    queued events whose job does not exist and releases them.
+    queued rows whose job does not exist and releases them.
     """
     settings = ctx.settings
     limit = limit or settings.dispatch_batch
     queue = Queue(ctx.queue_name(EVENTS_QUEUE), connection=ctx.redis)
+    retry = job_retry(settings.retry_intervals)
+    batches: list[tuple[Outbox, str, list[int]]] = []
     with writing(ctx.engine) as conn:
-        candidates = claim_pending(conn, limit)
-        if not candidates:
-            return 0
-        batches: list[tuple[str, list[int]]] = []
-        for chunk in _chunks(candidates, settings.job_batch):
-            job_id = f"evt-{secrets.token_hex(8)}"
-            won = mark_queued(conn, chunk, job_id)
-            if won:
-                batches.append((job_id, won))
+        for outbox in OUTBOXES:
+            candidates = claim_pending(conn, limit, outbox.table)
+            for chunk in _chunks(candidates, settings.job_batch):
+                job_id = f"{outbox.prefix}-{secrets.token_hex(8)}"
+                won = mark_queued(conn, chunk, job_id, outbox.table)
+                if won:
+                    batches.append((outbox, job_id, won))
+    if not batches:
+        return 0
     try:
         datas = [
             Queue.prepare_data(
-                PROCESS_EVENTS, args=(ids,), job_id=job_id, description=f"process {len(ids)} events", retry=job_retry(settings.retry_intervals)
+                outbox.job, args=(ids,), job_id=job_id, description=f"{outbox.table.name}: {len(ids)}", retry=retry
             )
-            for job_id, ids in batches
+            for outbox, job_id, ids in batches
         ]
         with ctx.redis.pipeline() as pipe:
             queue.enqueue_many(datas, pipeline=pipe)
             pipe.execute()
     except redis.RedisError:
         with ctx.engine.begin() as conn:
-            release_jobs(conn, [job_id for job_id, _ in batches])
+            for outbox in OUTBOXES:
+                release_jobs(conn, [job_id for o, job_id, _ in batches if o is outbox], outbox.table)
         raise
-    queued = sum(len(ids) for _, ids in batches)
-    log.info("dispatched", extra={"events": queued, "jobs": len(batches)})
+    queued = sum(len(ids) for _, _, ids in batches)
+    log.info("dispatched", extra={"rows": queued, "jobs": len(batches)})
     return queued
 
 
 def reap_orphans(ctx: WorkerContext, older_than: float = ORPHAN_AFTER) -> int:
-    """Release queued events whose RQ job is gone or ended without them.
+    """Release queued rows whose RQ job is gone or ended without them.
 
     That happens when a dispatcher died between its commit and its enqueue, or
-    when Redis lost its data. Returns how many events went back to pending.
+    when Redis lost its data. Returns how many rows went back to pending.
     """
     cutoff = utcnow() - dt.timedelta(seconds=older_than)
-    with ctx.engine.connect() as conn:
-        job_ids = stale_job_ids(conn, EventStatus.QUEUED, cutoff)
-    orphaned = []
-    for job_id in job_ids:
-        try:
-            status = Job.fetch(job_id, connection=ctx.redis).get_status(refresh=False)
-        except NoSuchJobError:
-            status = None
-        if status is None or status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED, JobStatus.FINISHED):
-            orphaned.append(job_id)
-    if not orphaned:
-        return 0
-    with ctx.engine.begin() as conn:
-        released = release_jobs(conn, orphaned)
-    log.warning("released orphaned events", extra={"events": released, "jobs": len(orphaned)})
+    released = 0
+    for outbox in OUTBOXES:
+        with ctx.engine.connect() as conn:
+            job_ids = stale_job_ids(conn, EventStatus.QUEUED, cutoff, outbox.table)
+        orphaned = [job_id for job_id in job_ids if _job_is_over(ctx, job_id)]
+        if orphaned:
+            with ctx.engine.begin() as conn:
+                count = release_jobs(conn, orphaned, outbox.table)
+            log.warning("released orphaned rows", extra={"table": outbox.table.name, "rows": count})
+            released += count
     return released
+
+
+def _job_is_over(ctx: WorkerContext, job_id: str) -> bool:
+    """True when the job no longer exists or will not run again."""
+    try:
+        status = Job.fetch(job_id, connection=ctx.redis).get_status(refresh=False)
+    except NoSuchJobError:
+        return True
+    return status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED, JobStatus.FINISHED)
 
 
 def dispatch_all(ctx: WorkerContext) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
+from . import card_events
 from .context import WorkerContext
 
 Row = dict[str, Any]
@@ -36,7 +37,12 @@ class Handler:
 # Events that need nothing beyond being stored (the default).
 ACKNOWLEDGE = Handler()
 
-HANDLERS: dict[str, Handler] = {}
+HANDLERS: dict[str, Handler] = {
+    "user_get_card": Handler(apply=card_events.on_user_get_card),
+    "user_gifting_card": Handler(apply=card_events.on_user_gifting_card),
+    "user_del_card": Handler(apply=card_events.on_user_del_card),
+    "user_consume_card": Handler(apply=card_events.on_user_consume_card),
+}
 
 
 def handler_for(event: Row) -> Handler:

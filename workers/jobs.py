@@ -12,3 +12,13 @@ def process_events(event_ids: list[int]) -> dict[str, int]:
     """Handle a batch of stored Official Account events (idempotent)."""
     ctx = context.current()
     return run_batch(ctx, events, event_ids, get_events, handler_for, record_attempts=True).summary()
+
+
+def process_mp_records(record_ids: list[int]) -> dict[str, int]:
+    """Decode and join a batch of Mini Program records (idempotent)."""
+    from webhook.cardstore import mp_records
+
+    from .mp_records import handler_for_record, load_records
+
+    ctx = context.current()
+    return run_batch(ctx, mp_records, record_ids, load_records, handler_for_record).summary()
