@@ -173,7 +173,7 @@ def test_transient_failures_retry_through_rq_then_die_and_permanent_ones_fail_on
 ) -> None:
     """-1 busy retries (RQ retry of the same job) until it works or is dead; a permanent error fails at once."""
     from workers import handlers
-    from workers.weixin_api import TransientWeixinError, WeixinAPIError
+    from webhook.weixin_api import TransientWeixinError, WeixinAPIError
 
     calls: list[int] = []
 

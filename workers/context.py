@@ -14,7 +14,7 @@ from webhook.redisconn import connect_redis
 from webhook.store import make_engine
 
 if TYPE_CHECKING:
-    from .weixin_api import WeixinClient
+    from webhook.weixin_api import WeixinClient
 
 # Queues split by purpose: intake events never wait behind slow API work.
 EVENTS_QUEUE = "events"
@@ -32,7 +32,7 @@ class WorkerContext:
     @functools.cached_property
     def weixin(self) -> WeixinClient:
         """The Weixin API client of this account (tokens shared through Redis)."""
-        from .weixin_api import WeixinClient
+        from webhook.weixin_api import WeixinClient
 
         return WeixinClient.from_settings(self.settings, self.redis)
 

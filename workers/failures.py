@@ -19,7 +19,7 @@ def job_retry(intervals: tuple[int, ...]) -> Retry | None:
 
 def is_transient(exc: BaseException) -> bool:
     """True for failures that a later attempt may not meet (busy, network, locks)."""
-    from .weixin_api import AmbiguousTimeoutError, TokenError, TransientWeixinError
+    from webhook.weixin_api import AmbiguousTimeoutError, TokenError, TransientWeixinError
 
     if isinstance(exc, AmbiguousTimeoutError):
         # The change may have been applied; repeating it blindly is not safe.

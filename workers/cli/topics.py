@@ -6,7 +6,7 @@ import click
 
 def commands() -> list[click.Command]:
     """Every top-level command of `wxcoupon`, in help order."""
-    from . import db, dev, events, service, simulate
+    from . import db, dev, events, fake, service, simulate
 
     return [
         dev.dev,
@@ -16,4 +16,5 @@ def commands() -> list[click.Command]:
         db.db,
         events.events,
         simulate.simulate,
+        fake.fake_weixin,
     ]

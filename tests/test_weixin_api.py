@@ -1,0 +1,430 @@
+"""WeixinClient over real HTTP against the fake Weixin, with tokens shared through real Redis."""
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import redis
+import requests
+
+from tests.weixin_fixtures import make_weixin_client
+from webhook.config import ConfigError, Settings
+from workers.fake_weixin import FakeWeixin
+from webhook.weixin_api import (
+    AmbiguousTimeoutError,
+    CardUnavailableError,
+    CodeConsumedError,
+    InvalidCodeError,
+    QuotaError,
+    TicketExpiredError,
+    TokenError,
+    TransientWeixinError,
+    WeixinAPIError,
+    WeixinClient,
+    error_for,
+)
+
+MEMBER_CARD = {
+    "card_type": "MEMBER_CARD",
+    "member_card": {
+        "base_info": {"title": "会员卡", "custom_app_brand_user_name": "gh_86a091e50ad4@app",
+                      "custom_app_brand_pass": "API/cardPage"},
+        "wx_activate": True,
+        "wx_activate_after_submit": True,
+    },
+}
+
+
+class SleepRecorder:
+    """Stands in for time.sleep: records the backoff delays instead of waiting."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+
+
+# -- each API wrapper -------------------------------------------------------------
+
+
+def test_decrypt_code_returns_the_real_code(fake_weixin: FakeWeixin, weixin_client: WeixinClient) -> None:
+    """card/code/decrypt turns the encrypted code wx.addCard hands out into the real one."""
+    added = fake_weixin.add_card("pCardDecrypt", "oUser1")
+    assert added["encrypt_code"] != added["code"]
+    assert weixin_client.decrypt_code(added["encrypt_code"]) == added["code"]
+
+
+def test_decrypt_unknown_code_is_invalid_code(weixin_client: WeixinClient) -> None:
+    """An encrypt_code Weixin never issued maps to InvalidCodeError (40056)."""
+    with pytest.raises(InvalidCodeError) as caught:
+        weixin_client.decrypt_code("bm90IGEgcmVhbCBjb2RlIGF0IGFsbCEhISEhISEhISE=")
+    assert caught.value.errcode == 40056
+
+
+def test_get_code_reports_holder_and_status(fake_weixin: FakeWeixin, weixin_client: WeixinClient) -> None:
+    """card/code/get: holder and status; check_consume turns bad statuses into typed errors."""
+    kept = fake_weixin.add_card("pCardGet", "oHolder", outer_str="shop7")
+    used = fake_weixin.add_card("pCardGet", "oHolder")
+    gone = fake_weixin.add_card("pCardGet", "oHolder")
+    fake_weixin.consume_card("pCardGet", used["code"])
+    fake_weixin.delete_card("pCardGet", gone["code"])
+
+    reply = weixin_client.get_code(kept["code"], card_id="pCardGet")
+    assert reply["openid"] == "oHolder"
+    assert reply["card"]["card_id"] == "pCardGet"
+    assert reply["user_card_status"] == "NORMAL" and reply["can_consume"] is True
+    assert reply["outer_str"] == "shop7"
+    assert weixin_client.get_code(used["code"])["user_card_status"] == "CONSUMED"
+    with pytest.raises(CodeConsumedError):
+        weixin_client.get_code(used["code"], check_consume=True)
+    with pytest.raises(CardUnavailableError):
+        weixin_client.get_code(gone["code"], check_consume=True)
+    with pytest.raises(InvalidCodeError):
+        weixin_client.get_code("000000000000")
+    with pytest.raises(InvalidCodeError):
+        weixin_client.get_code(kept["code"], card_id="pAnotherCard")
+
+
+def test_member_card_activation_flow(fake_weixin: FakeWeixin, weixin_client: WeixinClient) -> None:
+    """create, form, geturl, temp info, activate and update, each through its wrapper."""
+    card_id = weixin_client.create_card(MEMBER_CARD)
+    assert card_id.startswith("p") and len(card_id) == 28
+    form = {"card_id": card_id, "required_form": {"can_modify": False,
+                                                   "common_field_id_list": ["USER_FORM_INFO_FLAG_MOBILE"]}}
+    assert weixin_client.set_activate_user_form(form)["errcode"] == 0
+    assert fake_weixin.state.cards[card_id].user_form == {"required_form": form["required_form"]}
+
+    url = weixin_client.get_activate_url(card_id, outer_str="poster 1")
+    query = parse_qs(urlsplit(url).query)  # parse_qs URL-decodes, as the plug-in needs
+    assert fake_weixin.state.decrypt(query["encrypt_card_id"][0]) == card_id
+    assert query["outer_str"] == ["poster 1"] and query["biz"][0].endswith("==")
+    assert "%3D" in url  # the URL carries its parameters URL-encoded
+
+    added = fake_weixin.add_card(card_id, "oMember")
+    fields = [{"name": "USER_FORM_INFO_FLAG_MOBILE", "value": "15500000000"}]
+    extra = fake_weixin.submit_activation_form(card_id, added["code"], common_field_list=fields)
+    assert weixin_client.decrypt_code(extra["encrypt_code"]) == added["code"]
+    info = weixin_client.get_activate_temp_info(extra["activate_ticket"])["info"]
+    assert info["common_field_list"] == fields
+
+    weixin_client.activate_member_card(membership_number="M0001", code=added["code"], card_id=card_id,
+                                       init_bonus=100)
+    held = weixin_client.get_code(added["code"], card_id=card_id)
+    assert held["membership_number"] == "M0001" and held["bonus"] == 100
+    assert held["user_info"]["common_field_list"] == fields
+
+    reply = weixin_client.update_card(card_id, {"member_card": {"base_info": {"custom_app_brand_pass": "pages/new"}}})
+    assert reply["send_check"] is False
+    base_info = fake_weixin.state.cards[card_id].definition["member_card"]["base_info"]
+    assert base_info["custom_app_brand_pass"] == "pages/new" and base_info["title"] == "会员卡"
+
+
+def test_activate_requires_its_fields(weixin_client: WeixinClient) -> None:
+    """activate_member_card refuses to send a request missing membership_number or code."""
+    with pytest.raises(ValueError, match="membership_number"):
+        weixin_client.activate_member_card(code="123")
+
+
+def test_expired_activate_ticket_is_ticket_expired(fake_weixin: FakeWeixin, weixin_client: WeixinClient) -> None:
+    """An activate_ticket past its lifetime maps to TicketExpiredError (72012)."""
+    added = fake_weixin.add_card("pCardTicket", "oMember")
+    extra = fake_weixin.submit_activation_form("pCardTicket", added["code"], expires_in=0)
+    with pytest.raises(TicketExpiredError) as caught:
+        weixin_client.get_activate_temp_info(extra["activate_ticket"])
+    assert caught.value.errcode == 72012
+
+
+def test_error_classes_by_errcode() -> None:
+    """Each behaviour-changing errcode has its class; others are plain WeixinAPIError."""
+    assert type(error_for(-1, "busy")) is TransientWeixinError
+    assert all(type(error_for(c, "")) is TokenError for c in (40001, 40014, 42001))
+    assert type(error_for(45009, "")) is QuotaError
+    assert all(type(error_for(c, "")) is InvalidCodeError for c in (40056, 40116))
+    assert type(error_for(40099, "")) is CodeConsumedError
+    assert type(error_for(40127, "")) is CardUnavailableError
+    assert type(error_for(72012, "")) is TicketExpiredError
+    assert type(error_for(40080, "invalid card ext")) is WeixinAPIError
+    assert str(error_for(45009, "quota", "card/code/get")) == "card/code/get: errcode 45009: quota"
+
+
+# -- tokens and tickets: cached, shared, refreshed once -------------------------------
+
+
+def test_token_and_ticket_are_cached_in_redis(
+    fake_weixin: FakeWeixin, weixin_client: WeixinClient, redis_client: redis.Redis,
+) -> None:
+    """One token and one ticket fetch serve many calls; both expire from Redis before Weixin's."""
+    added = fake_weixin.add_card("pCardCache", "oUser")
+    for _ in range(3):
+        weixin_client.decrypt_code(added["encrypt_code"])
+        weixin_client.get_card_api_ticket()
+    assert fake_weixin.calls("/cgi-bin/stable_token") == 1
+    assert fake_weixin.calls("/cgi-bin/ticket/getticket") == 1
+    for key in (weixin_client.access_token_key, weixin_client.card_ticket_key):
+        assert 7200 - 300 - 5 <= redis_client.ttl(key) <= 7200 - 300
+    assert fake_weixin.appid in weixin_client.access_token_key
+
+
+def test_token_is_shared_by_clients(fake_weixin: FakeWeixin, redis_client: redis.Redis) -> None:
+    """A second client (as in another worker) reuses the first one's token from Redis."""
+    first = make_weixin_client(fake_weixin, redis_client)
+    second = make_weixin_client(fake_weixin, redis.Redis(connection_pool=redis_client.connection_pool))
+    assert first.get_access_token() == second.get_access_token()
+    assert fake_weixin.calls("/cgi-bin/stable_token") == 1
+
+
+CHILD = r"""
+import sys
+import redis
+from webhook.weixin_api import WeixinClient
+
+api_base, appid, secret, redis_url = sys.argv[1:5]
+client = WeixinClient(api_base, appid, secret, redis.Redis.from_url(redis_url), timeout=5.0)
+print("ready", flush=True)
+sys.stdin.readline()
+print(client.get_access_token(), flush=True)
+"""
+
+
+def test_two_processes_cause_exactly_one_refresh(fake_weixin: FakeWeixin, redis_url: str) -> None:
+    """Two OS processes asking for a token at once: one fetches it, the other waits and reuses it."""
+    # A slow token endpoint makes the two requests overlap if both were sent.
+    fake_weixin.inject_fault("/cgi-bin/stable_token", latency_ms=500, count=2)
+    args = [sys.executable, "-c", CHILD, fake_weixin.url, fake_weixin.appid, fake_weixin.appsecret, redis_url]
+    children = [subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        for child in children:
+            assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        for child in children:  # release both as close together as possible
+            assert child.stdin is not None
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        tokens = [child.communicate(timeout=15)[0].strip() for child in children]
+    finally:
+        for child in children:
+            child.kill() if child.poll() is None else None
+    assert [child.returncode for child in children] == [0, 0]
+    assert tokens[0] and tokens[0] == tokens[1]
+    assert fake_weixin.calls("/cgi-bin/stable_token") == 1
+
+
+def test_token_not_latest_is_refreshed_once_and_retried(fake_weixin: FakeWeixin, weixin_client: WeixinClient) -> None:
+    """40001 after a force_refresh elsewhere: the client refreshes once, retries once, succeeds."""
+    added = fake_weixin.add_card("pCard40001", "oUser")
+    old = weixin_client.get_access_token()
+    reply = requests.post(f"{fake_weixin.url}/cgi-bin/stable_token", json={
+        "grant_type": "client_credential", "appid": fake_weixin.appid, "secret": fake_weixin.appsecret,
+        "force_refresh": True,
+    }, timeout=5).json()
+    assert reply["access_token"] != old  # the cached token is now "not latest"
+
+    assert weixin_client.decrypt_code(added["encrypt_code"]) == added["code"]
+    assert fake_weixin.calls("/card/code/decrypt") == 2  # the refusal, then the retry
+    assert fake_weixin.calls("/cgi-bin/stable_token") == 3  # first fetch, force_refresh, one refresh
+    assert weixin_client.get_access_token() == reply["access_token"]
+
+
+def test_cgi_bin_token_mode_recovers_when_another_fetch_replaced_it(
+    fake_weixin: FakeWeixin, redis_client: redis.Redis,
+) -> None:
+    """With the cgi-bin/token endpoint, a fetch by anyone else invalidates ours: one refresh fixes it."""
+    client = make_weixin_client(fake_weixin, redis_client, token_endpoint="token")
+    added = fake_weixin.add_card("pCardToken", "oUser")
+    client.get_access_token()
+    requests.get(f"{fake_weixin.url}/cgi-bin/token", params={
+        "grant_type": "client_credential", "appid": fake_weixin.appid, "secret": fake_weixin.appsecret,
+    }, timeout=5)
+    assert client.get_code(added["code"])["openid"] == "oUser"
+    assert fake_weixin.calls("/cgi-bin/token") == 3
+    assert fake_weixin.calls("/card/code/get") == 2
+
+
+def test_persistent_token_error_is_raised_without_looping(fake_weixin: FakeWeixin, weixin_client: WeixinClient) -> None:
+    """A token refused again after the refresh is raised: one refresh, two calls, no loop."""
+    added = fake_weixin.add_card("pCardLoop", "oUser")
+    fake_weixin.inject_fault("/card/code/get", errcode=40001, count=10)
+    with pytest.raises(TokenError) as caught:
+        weixin_client.get_code(added["code"])
+    assert caught.value.errcode == 40001
+    assert fake_weixin.calls("/card/code/get") == 2
+    assert fake_weixin.calls("/cgi-bin/stable_token") == 2
+
+
+def test_refresh_is_skipped_when_another_process_already_refreshed(
+    fake_weixin: FakeWeixin, weixin_client: WeixinClient, redis_client: redis.Redis,
+) -> None:
+    """Invalidating a token that is no longer the cached one reuses the cached one, fetching nothing."""
+    weixin_client.get_access_token()
+    redis_client.set(weixin_client.access_token_key, "FAKESTABLE_refreshed-by-another-process", ex=600)
+    assert weixin_client.invalidate_access_token("FAKESTABLE_the-one-that-failed") == (
+        "FAKESTABLE_refreshed-by-another-process"
+    )
+    assert fake_weixin.calls("/cgi-bin/stable_token") == 1
+
+
+def test_expired_token_in_cache_is_refreshed(fake_weixin: FakeWeixin, weixin_client: WeixinClient) -> None:
+    """42001 (expired at Weixin, still cached here) is recovered like 40001."""
+    added = fake_weixin.add_card("pCard42001", "oUser")
+    weixin_client.get_access_token()
+    real_clock = fake_weixin.state.clock
+    fake_weixin.state.clock = lambda: real_clock() + 7201  # Weixin's clock moves past the expiry
+    assert weixin_client.decrypt_code(added["encrypt_code"]) == added["code"]
+    assert fake_weixin.calls("/cgi-bin/stable_token") == 2
+
+
+# -- transient failures, quota, timeouts ------------------------------------------------
+
+
+def test_system_busy_is_retried_with_exponential_backoff(fake_weixin: FakeWeixin, redis_client: redis.Redis) -> None:
+    """-1 twice then success: three calls, two growing jittered sleeps within their bounds."""
+    sleeps = SleepRecorder()
+    client = make_weixin_client(fake_weixin, redis_client, backoff_base=0.1, backoff_max=1.0, sleep=sleeps)
+    added = fake_weixin.add_card("pCardBusy", "oUser")
+    fake_weixin.inject_fault("/card/code/decrypt", errcode=-1, count=2)
+    assert client.decrypt_code(added["encrypt_code"]) == added["code"]
+    assert fake_weixin.calls("/card/code/decrypt") == 3
+    first, second = sleeps.delays
+    assert 0.05 <= first <= 0.1 and 0.1 <= second <= 0.2
+
+
+def test_system_busy_exhausts_the_bounded_retries(fake_weixin: FakeWeixin, redis_client: redis.Redis) -> None:
+    """-1 on every try: TransientWeixinError after exactly retry_attempts calls."""
+    sleeps = SleepRecorder()
+    client = make_weixin_client(fake_weixin, redis_client, retry_attempts=3, sleep=sleeps)
+    added = fake_weixin.add_card("pCardBusy", "oUser")
+    fake_weixin.inject_fault("/card/code/get", errcode=-1, count=50)
+    with pytest.raises(TransientWeixinError) as caught:
+        client.get_code(added["code"])
+    assert caught.value.errcode == -1
+    assert fake_weixin.calls("/card/code/get") == 3
+    assert len(sleeps.delays) == 2
+
+
+def test_http_5xx_is_transient_and_retried(fake_weixin: FakeWeixin, weixin_client: WeixinClient) -> None:
+    """A 502 from the gateway is retried like -1."""
+    added = fake_weixin.add_card("pCard502", "oUser")
+    fake_weixin.inject_fault("/card/code/get", http_status=502, count=1)
+    assert weixin_client.get_code(added["code"])["user_card_status"] == "NORMAL"
+    assert fake_weixin.calls("/card/code/get") == 2
+
+
+def test_quota_is_not_retried(fake_weixin: FakeWeixin, redis_client: redis.Redis) -> None:
+    """45009: QuotaError at once, one call, no backoff."""
+    sleeps = SleepRecorder()
+    client = make_weixin_client(fake_weixin, redis_client, sleep=sleeps)
+    fake_weixin.inject_fault("/card/code/decrypt", errcode=45009, count=5)
+    with pytest.raises(QuotaError) as caught:
+        client.decrypt_code("anything")
+    assert caught.value.errcode == 45009
+    assert fake_weixin.calls("/card/code/decrypt") == 1
+    assert sleeps.delays == []
+
+
+def test_read_timeout_on_a_read_is_retried(fake_weixin: FakeWeixin, redis_client: redis.Redis) -> None:
+    """A slow reply to an idempotent call times out and is simply asked again."""
+    client = make_weixin_client(fake_weixin, redis_client, timeout=0.3)
+    added = fake_weixin.add_card("pCardSlow", "oUser")
+    client.get_access_token()
+    fake_weixin.inject_fault("/card/code/get", latency_ms=800, count=1)
+    started = time.monotonic()
+    assert client.get_code(added["code"])["openid"] == "oUser"
+    assert fake_weixin.calls("/card/code/get") == 2
+    assert time.monotonic() - started < 2.0
+
+
+def test_read_timeout_on_activate_is_not_retried(fake_weixin: FakeWeixin, redis_client: redis.Redis) -> None:
+    """activate_member_card sent, reply too slow: AmbiguousTimeoutError, one call, applied once."""
+    client = make_weixin_client(fake_weixin, redis_client, timeout=0.3)
+    added = fake_weixin.add_card("pCardAmbiguous", "oUser")
+    client.get_access_token()
+    fake_weixin.inject_fault("/card/membercard/activate", latency_ms=800, count=1)
+    with pytest.raises(AmbiguousTimeoutError) as caught:
+        client.activate_member_card(membership_number="M1", code=added["code"], init_bonus=10)
+    assert caught.value.errcode < 0
+    time.sleep(0.7)  # let the slow reply finish on the server side
+    assert fake_weixin.calls("/card/membercard/activate") == 1
+    assert fake_weixin.state.codes[added["code"]].activations == 1
+
+
+def test_dropped_connection_on_a_read_is_retried(fake_weixin: FakeWeixin, weixin_client: WeixinClient) -> None:
+    """A connection closed without a reply on decrypt: retried, then the code comes back."""
+    added = fake_weixin.add_card("pCardDrop", "oUser")
+    fake_weixin.inject_fault("/card/code/decrypt", drop=True, count=1)
+    assert weixin_client.decrypt_code(added["encrypt_code"]) == added["code"]
+    assert fake_weixin.calls("/card/code/decrypt") == 2
+
+
+def test_dropped_connection_on_create_is_ambiguous(fake_weixin: FakeWeixin, weixin_client: WeixinClient) -> None:
+    """A connection closed after card/create was sent: AmbiguousTimeoutError, never resent."""
+    fake_weixin.inject_fault("/card/create", drop=True, count=1)
+    with pytest.raises(AmbiguousTimeoutError):
+        weixin_client.create_card(MEMBER_CARD)
+    assert fake_weixin.calls("/card/create") == 1
+
+
+def test_refused_connection_is_transient_even_for_writes(redis_client: redis.Redis) -> None:
+    """Nothing listening: the request never left, so even update_card is retried, boundedly."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # a port nobody listens on once the probe is closed
+    sleeps = SleepRecorder()
+    client = WeixinClient(f"http://127.0.0.1:{port}", "wxnobody", "secret", redis_client, timeout=1.0, sleep=sleeps)
+    redis_client.set(client.access_token_key, "FAKESTABLE_cached", ex=60)
+    with pytest.raises(TransientWeixinError) as caught:
+        client.update_card("pCard", {"member_card": {}})
+    assert "not sent" in caught.value.errmsg
+    assert len(sleeps.delays) == 2
+
+
+# -- what the client lets out ------------------------------------------------------------
+
+
+def test_secrets_stay_out_of_errors_and_logs(
+    fake_weixin: FakeWeixin, weixin_client: WeixinClient, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Errors and log lines carry path and errcode, never the token, the secret or a full code."""
+    caplog.set_level(logging.DEBUG, logger="webhook.weixin_api")
+    added = fake_weixin.add_card("pCardSecret", "oUser")
+    token = weixin_client.get_access_token()
+    fake_weixin.inject_fault("/card/code/get", errcode=40097, count=1,
+                             errmsg=f"echo {fake_weixin.appsecret} {token}")
+    with pytest.raises(WeixinAPIError) as echoed:
+        weixin_client.get_code(added["code"])
+    fake_weixin.inject_fault("/card/code/decrypt", drop=True, count=3)
+    with pytest.raises(TransientWeixinError) as dropped:
+        weixin_client.decrypt_code(added["encrypt_code"])
+    for exc in (echoed.value, dropped.value):
+        rendered = "".join(traceback.format_exception(exc)) + repr(exc)
+        for secret in (token, fake_weixin.appsecret, added["code"], added["encrypt_code"]):
+            assert secret not in rendered
+    assert caplog.records, "the failures were logged"
+    for secret in (token, fake_weixin.appsecret, added["code"], added["encrypt_code"]):
+        assert secret not in caplog.text
+
+
+def test_wrong_secret_fails_clearly_without_retry(fake_weixin: FakeWeixin, redis_client: redis.Redis) -> None:
+    """A wrong appsecret is a plain WeixinAPIError (40125) from the token fetch, sent once."""
+    client = WeixinClient(fake_weixin.url, fake_weixin.appid, "wrong-secret", redis_client)
+    with pytest.raises(WeixinAPIError) as caught:
+        client.decrypt_code("x")
+    assert caught.value.errcode == 40125 and "wrong-secret" not in str(caught.value)
+    assert fake_weixin.calls("/cgi-bin/stable_token") == 1
+    assert fake_weixin.calls("/card/code/decrypt") == 0
+
+
+def test_from_settings(fake_weixin: FakeWeixin, redis_client: redis.Redis) -> None:
+    """from_settings uses WECHAT_API_BASE and the account; a missing secret names the variable."""
+    settings = Settings(token="tok123", appid=fake_weixin.appid, appsecret=fake_weixin.appsecret,
+                        api_base=fake_weixin.url)
+    client = WeixinClient.from_settings(settings, redis_client)
+    assert client.api_base == fake_weixin.url and client.get_access_token()
+    assert client.access_token_key.startswith(f"{settings.queue_prefix}:weixin:{fake_weixin.appid}:")
+    with pytest.raises(ConfigError, match="WECHAT_APPSECRET"):
+        WeixinClient.from_settings(settings.with_overrides(appsecret=None), redis_client)

@@ -1,0 +1,449 @@
+"""Weixin server API client: one thin method per API, typed errors, shared tokens.
+
+The access_token and the `wx_card` api_ticket live in Redis so every process of
+the service shares them; a Redis lock makes sure only one process refreshes
+them at a time (several refreshers would invalidate each other's tokens and
+cause 40001 "not latest"). Every HTTP call has a timeout; calls that change
+state on Weixin's side are never retried once the request may have been sent.
+Nothing secret is logged or put into an exception message: log lines carry the
+API path and the errcode only.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import requests
+from redis import Redis
+from redis.exceptions import LockError
+from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError
+
+from webhook.config import ConfigError, Settings
+
+log = logging.getLogger(__name__)
+
+# Defaults, one place.
+DEFAULT_TIMEOUT = 4.0  # seconds, connect and read each
+DEFAULT_RETRY_ATTEMPTS = 3  # tries in all for transient failures (-1, 5xx, network)
+DEFAULT_BACKOFF_BASE = 0.2  # seconds before the 2nd try; doubles each try
+DEFAULT_BACKOFF_MAX = 2.0  # cap of one backoff sleep
+DEFAULT_KEY_PREFIX = "wxcoupon:weixin"  # Redis keys: <prefix>:<appid>:...
+TOKEN_EXPIRY_MARGIN = 300  # cache a credential this much shorter than expires_in
+DEFAULT_EXPIRES_IN = 7200  # what Weixin grants when a reply omits expires_in
+
+# errcodes this client makes up for failures that have no Weixin errcode.
+# Weixin's own codes are -1, 0 and positive, so these never collide.
+ERRCODE_NETWORK = -1001  # connection failed or was lost
+ERRCODE_TIMEOUT = -1002  # no reply within the timeout
+ERRCODE_HTTP = -1003  # HTTP status other than 200
+ERRCODE_BAD_RESPONSE = -1004  # reply is not a JSON object, or lacks a field
+ERRCODE_LOCK = -1005  # another process holds the refresh lock for too long
+
+TokenEndpoint = Literal["stable_token", "token"]
+
+
+class WeixinAPIError(Exception):
+    """A Weixin API call failed; `errcode`/`errmsg` say why, never a secret."""
+
+    def __init__(self, errcode: int, errmsg: str, path: str = "") -> None:
+        super().__init__(errcode, errmsg, path)
+        self.errcode = errcode
+        self.errmsg = errmsg
+        self.path = path
+
+    def __str__(self) -> str:
+        where = f"{self.path}: " if self.path else ""
+        return f"{where}errcode {self.errcode}: {self.errmsg}"
+
+
+class TransientWeixinError(WeixinAPIError):
+    """Worth retrying later: -1 system busy, HTTP 5xx, network failure before sending."""
+
+
+class TokenError(WeixinAPIError):
+    """The access_token was refused (40001 not latest, 40014 invalid, 42001 expired)."""
+
+
+class QuotaError(WeixinAPIError):
+    """45009: the daily quota of this API is used up; retrying only makes it worse."""
+
+
+class InvalidCodeError(WeixinAPIError):
+    """40056/40116: Weixin does not know this code (or encrypt_code)."""
+
+
+class CodeConsumedError(WeixinAPIError):
+    """40099: the code has already been consumed."""
+
+
+class CardUnavailableError(WeixinAPIError):
+    """40127: the user deleted the card or is gifting it."""
+
+
+class TicketExpiredError(WeixinAPIError):
+    """72012: the activate_ticket has expired."""
+
+
+class AmbiguousTimeoutError(WeixinAPIError):
+    """A call that changes state was sent but got no answer: it may have been applied."""
+
+
+_ERRORS_BY_CODE: dict[int, type[WeixinAPIError]] = {
+    -1: TransientWeixinError,
+    40001: TokenError,
+    40014: TokenError,
+    42001: TokenError,
+    45009: QuotaError,
+    40056: InvalidCodeError,
+    40116: InvalidCodeError,
+    40099: CodeConsumedError,
+    40127: CardUnavailableError,
+    72012: TicketExpiredError,
+}
+
+
+def error_for(errcode: int, errmsg: str, path: str = "") -> WeixinAPIError:
+    """The typed error for a Weixin errcode (WeixinAPIError when it has no class)."""
+    return _ERRORS_BY_CODE.get(errcode, WeixinAPIError)(errcode, errmsg, path)
+
+
+def _sent_maybe(exc: requests.ConnectionError) -> bool:
+    """Whether a connection error may have happened after the request was sent."""
+    reason: object = exc.args[0] if exc.args else None
+    if isinstance(reason, MaxRetryError):
+        reason = reason.reason
+    # Refused, unresolvable or unreachable: nothing reached the server.
+    return not isinstance(reason, (NewConnectionError, ConnectTimeoutError))
+
+
+class WeixinClient:
+    """Weixin server API client for one Official Account, shared-token aware."""
+
+    def __init__(
+        self,
+        api_base: str,
+        appid: str,
+        appsecret: str,
+        redis: Redis,
+        timeout: float = DEFAULT_TIMEOUT,
+        session: requests.Session | None = None,
+        *,
+        retry_attempts: int = DEFAULT_RETRY_ATTEMPTS,
+        backoff_base: float = DEFAULT_BACKOFF_BASE,
+        backoff_max: float = DEFAULT_BACKOFF_MAX,
+        token_endpoint: TokenEndpoint = "stable_token",
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if retry_attempts < 1:
+            raise ValueError("retry_attempts must be at least 1")
+        self.api_base = api_base.rstrip("/")
+        self.appid = appid
+        self._appsecret = appsecret
+        self._redis = redis
+        self.timeout = timeout
+        self._session = session or requests.Session()
+        self.retry_attempts = retry_attempts
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.token_endpoint: TokenEndpoint = token_endpoint
+        self._prefix = f"{key_prefix}:{appid}"
+        self._sleep = sleep
+        # A refresher may spend every attempt on connect + read timeouts and the
+        # backoffs between them; the lock must outlive that, and waiters wait as long.
+        self.lock_timeout = retry_attempts * (2 * timeout + backoff_max) + 5.0
+
+    def __repr__(self) -> str:
+        return f"WeixinClient(api_base={self.api_base!r}, appid={self.appid!r})"
+
+    @classmethod
+    def from_settings(cls, settings: Settings, redis: Redis, **options: Any) -> WeixinClient:
+        """A client for the account of `settings` (needs WECHAT_APPID and WECHAT_APPSECRET)."""
+        if not settings.appid:
+            raise ConfigError("WECHAT_APPID is required to call the Weixin API")
+        if not settings.appsecret:
+            raise ConfigError("WECHAT_APPSECRET is required to call the Weixin API")
+        options.setdefault("key_prefix", f"{settings.queue_prefix}:weixin")
+        return cls(settings.api_base, settings.appid, settings.appsecret, redis, **options)
+
+    # -- credentials -------------------------------------------------------
+
+    @property
+    def access_token_key(self) -> str:
+        """Redis key of the cached access_token."""
+        return f"{self._prefix}:access_token"
+
+    @property
+    def card_ticket_key(self) -> str:
+        """Redis key of the cached wx_card api_ticket."""
+        return f"{self._prefix}:ticket:wx_card"
+
+    def get_access_token(self) -> str:
+        """The shared access_token, fetched and cached when there is none.
+
+        https://developers.weixin.qq.com/doc/offiaccount/Basic_Information/getStableAccessToken.html
+        (`cgi-bin/stable_token`, the default) or, with token_endpoint="token",
+        https://developers.weixin.qq.com/doc/offiaccount/Basic_Information/Get_access_token.html
+        """
+        return self._cached(self.access_token_key, self._fetch_access_token)
+
+    def get_card_api_ticket(self) -> str:
+        """The shared `wx_card` api_ticket that signs cardExt, cached like the token.
+
+        https://developers.weixin.qq.com/doc/offiaccount/OA_Web_Apps/JS-SDK.html (appendix 4, card api_ticket)
+        """
+        return self._cached(self.card_ticket_key, self._fetch_card_ticket)
+
+    def invalidate_access_token(self, failed: str) -> str:
+        """Replace `failed` with a fresh token, unless another process already did."""
+        return self._cached(self.access_token_key, self._fetch_access_token, failed=failed)
+
+    def _fetch_access_token(self) -> tuple[str, int]:
+        body = {"grant_type": "client_credential", "appid": self.appid, "secret": self._appsecret}
+        if self.token_endpoint == "stable_token":
+            path = "cgi-bin/stable_token"
+            data = self._call("POST", path, {**body, "force_refresh": False}, authenticated=False)
+        else:
+            path = "cgi-bin/token"
+            data = self._call("GET", path, params=body, authenticated=False)
+        return self._field(data, "access_token", path), self._expires_in(data)
+
+    def _fetch_card_ticket(self) -> tuple[str, int]:
+        data = self._call("GET", "cgi-bin/ticket/getticket", params={"type": "wx_card"})
+        return self._field(data, "ticket", "cgi-bin/ticket/getticket"), self._expires_in(data)
+
+    def _cached(self, key: str, fetch: Callable[[], tuple[str, int]], failed: str | None = None) -> str:
+        """Read a credential from Redis, refreshing it under the lock when needed.
+
+        With `failed`, the cached value is only replaced while it is still the
+        one that failed: another process may have refreshed it already.
+        """
+        value = self._get(key)
+        if value is not None and value != failed:
+            return value
+        lock = self._redis.lock(f"{key}:lock", timeout=self.lock_timeout, sleep=0.05, blocking_timeout=self.lock_timeout)
+        if not lock.acquire():
+            value = self._get(key)
+            if value is not None and value != failed:
+                return value
+            raise TransientWeixinError(ERRCODE_LOCK, "credential refresh lock not acquired in time", key.rsplit(":", 1)[-1])
+        try:
+            value = self._get(key)
+            if value is not None and value != failed:
+                return value  # refreshed by another process while we waited
+            value, expires_in = fetch()
+            ttl = max(1, expires_in - min(TOKEN_EXPIRY_MARGIN, expires_in // 4))
+            self._redis.set(key, value, ex=ttl)
+            log.info("weixin credential %s refreshed (expires_in=%d)", key.rsplit(":", 1)[-1], expires_in)
+            return value
+        finally:
+            try:
+                lock.release()
+            except LockError:
+                log.warning("weixin credential lock %s expired before release", key.rsplit(":", 1)[-1])
+
+    def _get(self, key: str) -> str | None:
+        raw = self._redis.get(key)
+        if raw is None:
+            return None
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    @staticmethod
+    def _expires_in(data: Mapping[str, Any]) -> int:
+        try:
+            return max(1, int(data.get("expires_in", DEFAULT_EXPIRES_IN)))
+        except (TypeError, ValueError):
+            return DEFAULT_EXPIRES_IN
+
+    @staticmethod
+    def _field(data: Mapping[str, Any], name: str, path: str) -> str:
+        value = data.get(name)
+        if not isinstance(value, str) or not value:
+            raise WeixinAPIError(ERRCODE_BAD_RESPONSE, f"reply has no {name}", path)
+        return value
+
+    # -- the APIs -----------------------------------------------------------
+
+    def decrypt_code(self, encrypt_code: str) -> str:
+        """The real code behind an encrypted one (wx.addCard result, coupon redirect).
+
+        https://developers.weixin.qq.com/doc/offiaccount/Cards_and_Offer/Redeeming_a_coupon_voucher_or_card.html
+        """
+        data = self._call("POST", "card/code/decrypt", {"encrypt_code": encrypt_code})
+        return self._field(data, "code", "card/code/decrypt")
+
+    def get_code(self, code: str, card_id: str | None = None, check_consume: bool = False) -> dict[str, Any]:
+        """Holder, card and status of a code (`user_card_status`, `can_consume`, membership).
+
+        With check_consume=False a consumed or deleted code is reported through
+        `user_card_status` instead of 40099/40127.
+        https://developers.weixin.qq.com/doc/offiaccount/Cards_and_Offer/Managing_Coupons_Vouchers_and_Cards.html
+        """
+        body: dict[str, Any] = {"code": code, "check_consume": check_consume}
+        if card_id is not None:
+            body["card_id"] = card_id
+        return self._call("POST", "card/code/get", body)
+
+    def get_activate_temp_info(self, activate_ticket: str) -> dict[str, Any]:
+        """The form a user submitted in the activation plug-in; the reply's `info` holds the fields.
+
+        https://developers.weixin.qq.com/doc/offiaccount/Cards_and_Offer/Membership_Cards/Create_a_membership_card.html
+        """
+        return self._call("POST", "card/membercard/activatetempinfo/get", {"activate_ticket": activate_ticket})
+
+    def activate_member_card(self, **fields: Any) -> dict[str, Any]:
+        """Activate a member card (membership_number and code required). Not retried once sent.
+
+        https://developers.weixin.qq.com/doc/offiaccount/Cards_and_Offer/Membership_Cards/Create_a_membership_card.html
+        """
+        for required in ("membership_number", "code"):
+            if not fields.get(required):
+                raise ValueError(f"activate_member_card needs {required}")
+        return self._call("POST", "card/membercard/activate", dict(fields), idempotent=False)
+
+    def get_activate_url(self, card_id: str, outer_str: str | None = None) -> str:
+        """The URL whose query carries encrypt_card_id, outer_str and biz for the activation plug-in.
+
+        https://developers.weixin.qq.com/miniprogram/en/dev/framework/open-ability/card/membership-card.html
+        """
+        body = {"card_id": card_id}
+        if outer_str is not None:
+            body["outer_str"] = outer_str
+        data = self._call("POST", "card/membercard/activate/geturl", body)
+        return self._field(data, "url", "card/membercard/activate/geturl")
+
+    def set_activate_user_form(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """Set the fields of the activation form (card_id, required_form, optional_form...).
+
+        https://developers.weixin.qq.com/doc/offiaccount/Cards_and_Offer/Membership_Cards/Create_a_membership_card.html
+        """
+        return self._call("POST", "card/membercard/activateuserform/set", dict(payload), idempotent=False)
+
+    def create_card(self, card: Mapping[str, Any]) -> str:
+        """Create a card from `{card_type, <type>: {base_info, ...}}`; returns its card_id.
+
+        https://developers.weixin.qq.com/doc/offiaccount/Cards_and_Offer/Create_a_Coupon_Voucher_or_Card.html
+        """
+        data = self._call("POST", "card/create", {"card": dict(card)}, idempotent=False)
+        return self._field(data, "card_id", "card/create")
+
+    def update_card(self, card_id: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        """Change a card: `patch` is `{<type>: {base_info: {...}, ...}}`; the reply has send_check.
+
+        https://developers.weixin.qq.com/doc/offiaccount/Cards_and_Offer/Managing_Coupons_Vouchers_and_Cards.html
+        """
+        return self._call("POST", "card/update", {"card_id": card_id, **patch}, idempotent=False)
+
+    # -- transport ------------------------------------------------------------
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        params: Mapping[str, str] | None = None,
+        idempotent: bool = True,
+        authenticated: bool = True,
+    ) -> dict[str, Any]:
+        """One API call with the token policy and bounded retries around it."""
+        token_retried = False
+        attempt = 1
+        while True:
+            token = self.get_access_token() if authenticated else None
+            try:
+                return self._request(method, path, body, params, token, idempotent)
+            except TokenError as exc:
+                if token is None or token_retried:
+                    raise
+                token_retried = True  # once: a second refusal is not a stale token
+                log.warning("weixin %s errcode=%d: refreshing the access_token once", path, exc.errcode)
+                self.invalidate_access_token(token)
+            except TransientWeixinError as exc:
+                if attempt >= self.retry_attempts:
+                    raise
+                delay = self._backoff(attempt)
+                log.warning(
+                    "weixin %s errcode=%d attempt %d/%d, retrying in %.2fs",
+                    path, exc.errcode, attempt, self.retry_attempts, delay,
+                )
+                attempt += 1
+                self._sleep(delay)
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential backoff with jitter: half fixed, half random, capped."""
+        cap = min(self.backoff_max, self.backoff_base * (2 ** (attempt - 1)))
+        return cap / 2 + random.uniform(0, cap / 2)
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None,
+        params: Mapping[str, str] | None,
+        token: str | None,
+        idempotent: bool,
+    ) -> dict[str, Any]:
+        """One HTTP exchange mapped to a dict or a typed error. Raises `from None`:
+        requests' messages quote the URL, and the URL carries the access_token."""
+        query = dict(params or {})
+        if token is not None:
+            query["access_token"] = token
+        data = None
+        headers = {}
+        if body is not None:
+            # Weixin stores \\uXXXX escapes literally: send UTF-8 as is.
+            data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+            headers["Content-Type"] = "application/json; charset=utf-8"
+        try:
+            response = self._session.request(
+                method, f"{self.api_base}/{path}", params=query, data=data, headers=headers,
+                timeout=(self.timeout, self.timeout),
+            )
+        except requests.ConnectTimeout:
+            raise TransientWeixinError(ERRCODE_NETWORK, "connect timed out (request not sent)", path) from None
+        except requests.Timeout:
+            if idempotent:
+                raise TransientWeixinError(ERRCODE_TIMEOUT, "read timed out", path) from None
+            raise AmbiguousTimeoutError(ERRCODE_TIMEOUT, "read timed out after sending; outcome unknown", path) from None
+        except requests.ConnectionError as exc:
+            if not _sent_maybe(exc):
+                raise TransientWeixinError(ERRCODE_NETWORK, "connection failed (request not sent)", path) from None
+            if idempotent:
+                raise TransientWeixinError(ERRCODE_NETWORK, "connection lost", path) from None
+            raise AmbiguousTimeoutError(ERRCODE_NETWORK, "connection lost after sending; outcome unknown", path) from None
+        except requests.RequestException as exc:
+            raise WeixinAPIError(ERRCODE_NETWORK, f"request failed ({type(exc).__name__})", path) from None
+        status = response.status_code
+        if status >= 500:
+            if status == 504 and not idempotent:
+                raise AmbiguousTimeoutError(ERRCODE_HTTP, "HTTP 504 after sending; outcome unknown", path)
+            raise TransientWeixinError(ERRCODE_HTTP, f"HTTP {status}", path)
+        if status != 200:
+            raise WeixinAPIError(ERRCODE_HTTP, f"HTTP {status}", path)
+        try:
+            reply = response.json()
+        except ValueError:
+            reply = None
+        if not isinstance(reply, dict):
+            raise WeixinAPIError(ERRCODE_BAD_RESPONSE, "reply is not a JSON object", path)
+        try:
+            errcode = int(reply.get("errcode") or 0)
+        except (TypeError, ValueError):
+            raise WeixinAPIError(ERRCODE_BAD_RESPONSE, "reply has a malformed errcode", path) from None
+        if errcode != 0:
+            log.warning("weixin %s errcode=%d", path, errcode)
+            raise error_for(errcode, self._redact(str(reply.get("errmsg", "")), token), path)
+        log.debug("weixin %s ok", path)
+        return reply
+
+    def _redact(self, text: str, token: str | None) -> str:
+        """errmsg as Weixin wrote it, minus anything secret, kept short."""
+        for secret in (self._appsecret, token):
+            if secret:
+                text = text.replace(secret, "***")
+        return text[:300]
