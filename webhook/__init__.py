@@ -19,9 +19,10 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     if test_config:
         app.config.update(test_config)
 
-    from . import db, logs, views
+    from . import db, logs, mp_api, views
 
     logs.init_app(app, settings)
     db.init_app(app, settings)
     views.init_app(app)
+    mp_api.init_app(app)
     return app

@@ -21,6 +21,11 @@ DEFAULT_JOB_BATCH = 50  # events handled by one RQ job
 DEFAULT_RETRY_INTERVALS = (10, 60, 300)  # seconds before each RQ retry of a transient failure
 DEFAULT_SQLITE_SYNCHRONOUS = "FULL"  # fsync on every commit: acked means on disk
 DEV_ENV_FILE = "dev.env"  # the local account `wxcoupon dev` generates, in the instance folder
+DEFAULT_REAP_INTERVAL = 30.0  # seconds between a worker's scans for stuck or orphaned work
+DEFAULT_HEARTBEAT_TTL = 15.0  # a worker not heard from for this long is dead
+MIN_ADMIN_KEY = 16  # characters: the admin key guards replays, so no short ones
+MIN_MP_API_KEY = 24  # characters: the Mini Program backend's bearer key
+DEFAULT_RECOVERY_DELAY = 600.0  # seconds a Mini Program record waits for its push before card/code/get
 
 _AES_KEY_RE = re.compile(r"^[A-Za-z0-9]{43}$")
 _APPID_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
@@ -59,6 +64,12 @@ class Settings:
     sqlite_synchronous: str = DEFAULT_SQLITE_SYNCHRONOUS
     queue_prefix: str = "wxcoupon"
     log_format: str = "text"
+    admin_key: str | None = field(default=None, repr=False)  # None: no admin page
+    mp_api_key: str | None = field(default=None, repr=False)  # None: /api/mp answers 503
+    recovery_delay: float = DEFAULT_RECOVERY_DELAY
+    reap_interval: float = DEFAULT_REAP_INTERVAL
+    heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL
+    proxies: int = 0  # reverse proxies in front whose X-Forwarded-* headers are trusted
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -132,6 +143,24 @@ def _intervals(env: Mapping[str, str], name: str, default: tuple[int, ...]) -> t
     return values
 
 
+def _admin_key(env: Mapping[str, str]) -> str | None:
+    key = env.get("WXCOUPON_ADMIN_KEY", "").strip()
+    if not key:
+        return None
+    if len(key) < MIN_ADMIN_KEY:
+        raise ConfigError(f"WXCOUPON_ADMIN_KEY must be at least {MIN_ADMIN_KEY} characters (got {len(key)})")
+    return key
+
+
+def _mp_api_key(env: Mapping[str, str]) -> str | None:
+    key = env.get("MP_API_KEY", "").strip()
+    if not key:
+        return None
+    if len(key) < MIN_MP_API_KEY:
+        raise ConfigError(f"MP_API_KEY must be at least {MIN_MP_API_KEY} characters (got {len(key)})")
+    return key
+
+
 def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) -> Settings:
     """Read and validate settings; raises ConfigError naming the bad variable."""
     if env is None:
@@ -190,4 +219,10 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) 
         sqlite_synchronous=synchronous,
         queue_prefix=env.get("WXCOUPON_QUEUE_PREFIX", "wxcoupon").strip() or "wxcoupon",
         log_format=log_format,
+        admin_key=_admin_key(env),
+        mp_api_key=_mp_api_key(env),
+        recovery_delay=_float(env, "WXCOUPON_RECOVERY_DELAY", DEFAULT_RECOVERY_DELAY),
+        reap_interval=_float(env, "WXCOUPON_REAP_INTERVAL", DEFAULT_REAP_INTERVAL),
+        heartbeat_ttl=_float(env, "WXCOUPON_HEARTBEAT_TTL", DEFAULT_HEARTBEAT_TTL),
+        proxies=_int(env, "WXCOUPON_PROXIES", 0),
     )
