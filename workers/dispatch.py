@@ -20,6 +20,7 @@ from webhook.store import EventStatus, events, claim_pending, mark_queued, relea
 
 from .context import EVENTS_QUEUE, WorkerContext
 from .failures import job_retry
+from .recovery import schedule_recovery
 
 log = logging.getLogger("wxcoupon.dispatch")
 
@@ -163,6 +164,7 @@ class Dispatcher(threading.Thread):
                         moved = dispatch_once(self.ctx)
                         if time.monotonic() >= self._next_reap:
                             reap_orphans(self.ctx)
+                            schedule_recovery(self.ctx)
                             self._next_reap = time.monotonic() + REAP_INTERVAL
                     finally:
                         try:

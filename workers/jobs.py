@@ -22,3 +22,10 @@ def process_mp_records(record_ids: list[int]) -> dict[str, int]:
 
     ctx = context.current()
     return run_batch(ctx, mp_records, record_ids, load_records, handler_for_record).summary()
+
+
+def recover_records(record_ids: list[int]) -> dict[str, int]:
+    """Check overdue Mini Program records with card/code/get (gap recovery)."""
+    from .recovery import recover_records as recover
+
+    return recover(context.current(), [int(i) for i in record_ids])

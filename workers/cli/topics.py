@@ -6,7 +6,7 @@ import click
 
 def commands() -> list[click.Command]:
     """Every top-level command of `wxcoupon`, in help order."""
-    from . import db, dev, events, fake, service, simulate
+    from . import db, dev, events, fake, reconcile, service, simulate
 
     return [
         dev.dev,
@@ -16,5 +16,6 @@ def commands() -> list[click.Command]:
         db.db,
         events.events,
         simulate.simulate,
+        reconcile.reconcile,
         fake.fake_weixin,
     ]

@@ -1,0 +1,331 @@
+"""Reconciliation over real HTTP: the fake Weixin pushes to the app, the Mini Program API records, workers join."""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+import sqlalchemy as sa
+from rq import Queue, SimpleWorker
+from werkzeug.serving import make_server
+
+from webhook import create_app
+from webhook.cardstore import cards, mp_records
+from webhook.config import Settings
+from workers.context import API_QUEUE, EVENTS_QUEUE, WorkerContext, install
+from workers.dispatch import dispatch_all
+from workers.fake_weixin import FakeWeixin
+from workers.jobs import process_events
+from workers.reconcile import report
+from workers.recovery import schedule_recovery
+
+from .pushes import make_push
+
+MP_KEY = "mp-test-key-0123456789abcdef"
+CARD = "pCardReconcile000000000001"
+
+
+@pytest.fixture
+def live(settings: Settings) -> Iterator[tuple[str, Settings, FakeWeixin]]:
+    """The app on a loopback port and a fake Weixin that pushes to it; yields (base URL, settings, fake)."""
+    holder: dict[str, Any] = {}
+
+    def wsgi(environ: Any, start_response: Any) -> Any:
+        return holder["app"](environ, start_response)
+
+    server = make_server("127.0.0.1", 0, wsgi, threaded=True)
+    base = f"http://127.0.0.1:{server.server_port}"
+    fake = FakeWeixin(
+        appid=settings.appid or "", appsecret=settings.appsecret or "", push_to=f"{base}/wechat",
+        token=settings.token, aes_key=settings.aes_key, push_retry_delay=0.0,
+    ).start()
+    s = settings.with_overrides(api_base=fake.url, mp_api_key=MP_KEY, recovery_delay=0.0)
+    holder["app"] = create_app(s)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield base, s, fake
+    fake.stop()
+    server.shutdown()
+    holder["app"].extensions["wxcoupon.engine"].dispose()
+
+
+@pytest.fixture
+def ctx(live: tuple[str, Settings, FakeWeixin], redis_url: str) -> Iterator[WorkerContext]:
+    """A worker context on the live settings (the fake Weixin as the API)."""
+    import redis
+
+    from webhook.store import make_engine
+
+    _, s, _ = live
+    context = WorkerContext(settings=s, engine=make_engine(s), redis=redis.Redis.from_url(redis_url))
+    install(context)
+    yield context
+    context.engine.dispose()
+
+
+def work(ctx: WorkerContext) -> None:
+    """Dispatch everything pending and run the queues dry, as a burst worker does."""
+    dispatch_all(ctx)
+    queues = [Queue(ctx.queue_name(n), connection=ctx.redis) for n in (EVENTS_QUEUE, API_QUEUE)]
+    SimpleWorker(queues, connection=ctx.redis).work(burst=True)
+
+
+def mp_post(base: str, path: str, body: dict[str, Any], key: str = MP_KEY) -> requests.Response:
+    return requests.post(f"{base}/api/mp/{path}", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=10)
+
+
+def receipt(base: str, mp_openid: str, encrypt_code: str, card_id: str = CARD) -> requests.Response:
+    return mp_post(base, "card-receipts", {"mp_openid": mp_openid, "card_list": [
+        {"card_id": card_id, "code": encrypt_code, "is_success": True}]})
+
+
+def card_row(ctx: WorkerContext, code: str, card_id: str = CARD) -> dict[str, Any]:
+    with ctx.engine.connect() as conn:
+        row = conn.execute(sa.select(cards).where(cards.c.card_id == card_id, cards.c.code == code)).mappings().one()
+    return dict(row)
+
+
+def matches(ctx: WorkerContext) -> list[str | None]:
+    with ctx.engine.connect() as conn:
+        return list(conn.execute(sa.select(mp_records.c.match).order_by(mp_records.c.id)).scalars())
+
+
+@pytest.mark.parametrize("order", ["push first", "mini program first"])
+def test_receipt_joins_both_openids_in_either_order(
+    live: tuple[str, Settings, FakeWeixin], ctx: WorkerContext, order: str
+) -> None:
+    """wx.addCard in the Mini Program and Weixin's user_get_card push meet on the real code, whichever comes first."""
+    base, _, fake = live
+    if order == "push first":
+        added = fake.add_card(CARD, "oOA_user1", outer_str="poster-7")
+        fake.wait_for_pushes(1)
+        work(ctx)
+        assert receipt(base, "oMP_user1", added["encrypt_code"]).status_code == 202
+        work(ctx)
+    else:
+        added = fake.add_card(CARD, "oOA_user1", outer_str="poster-7")
+        assert receipt(base, "oMP_user1", added["encrypt_code"]).status_code == 202
+        # Only the Mini Program side is processed first (the push is held back).
+        fake.wait_for_pushes(1)
+        with ctx.engine.begin() as conn:
+            conn.execute(sa.text("UPDATE events SET status = 'failed'"))  # parked: not dispatched yet
+        work(ctx)
+        assert matches(ctx) == ["waiting"]
+        with ctx.engine.begin() as conn:
+            conn.execute(sa.text("UPDATE events SET status = 'pending'"))
+        work(ctx)
+    card = card_row(ctx, added["code"])
+    assert (card["oa_openid"], card["mp_openid"], card["outer_str"], card["status"]) == (
+        "oOA_user1", "oMP_user1", "poster-7", "received"
+    )
+    assert matches(ctx) == ["matched"]
+    listed = requests.get(f"{base}/api/mp/users/oMP_user1/cards", headers={"Authorization": f"Bearer {MP_KEY}"}, timeout=5)
+    assert listed.status_code == 200
+    assert [(c["card_id"], c["code"], c["status"]) for c in listed.json()["cards"]] == [(CARD, added["code"], "received")]
+
+
+def test_duplicates_on_both_sides_change_nothing(live: tuple[str, Settings, FakeWeixin], ctx: WorkerContext) -> None:
+    """The same receipt posted three times and the push retried: one record, one card, one match."""
+    base, s, fake = live
+    added = fake.add_card(CARD, "oOA_dup")
+    fake.wait_for_pushes(1)
+    ids = {tuple(receipt(base, "oMP_dup", added["encrypt_code"]).json()["records"]) for _ in range(3)}
+    assert len(ids) == 1
+    work(ctx)
+    work(ctx)
+    with ctx.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(cards)).scalar_one() == 1
+        assert conn.execute(sa.select(sa.func.count()).select_from(mp_records)).scalar_one() == 1
+    assert matches(ctx) == ["matched"]
+    assert fake.calls("/card/code/decrypt") == 1
+
+
+def test_gift_moves_the_card_to_the_new_code_and_holder(live: tuple[str, Settings, FakeWeixin], ctx: WorkerContext) -> None:
+    """A gift: the old code ends as gifted pointing at the new one, which the friend holds."""
+    _, _, fake = live
+    added = fake.add_card(CARD, "oOA_giver")
+    gifted = fake.gift_card(CARD, added["code"], "oOA_friend")
+    pushes = fake.wait_for_pushes(3)
+    assert [p["state"] for p in pushes] == ["delivered"] * 3
+    work(ctx)
+    old, new = card_row(ctx, added["code"]), card_row(ctx, gifted["code"])
+    assert (old["status"], old["new_code"], old["oa_openid"]) == ("gifted", gifted["code"], "oOA_giver")
+    assert (new["status"], new["old_code"], new["oa_openid"]) == ("received", added["code"], "oOA_friend")
+
+
+def _status_events(settings: Settings) -> list[tuple[dict[str, str], bytes]]:
+    t = int(time.time())
+    code = "880000000001"
+    common = {"FromUserName": "oOA_order", "CardId": CARD, "UserCardCode": code}
+    return [
+        make_push(settings, "user_get_card", CreateTime=t, **common),
+        make_push(settings, "user_gifting_card", CreateTime=t + 1, IsReturnBack=0, **common),
+        make_push(settings, "user_gifting_card", CreateTime=t + 2, IsReturnBack=1, **common),
+        make_push(settings, "user_consume_card", CreateTime=t + 3, **common),
+    ]
+
+
+def test_every_arrival_order_ends_in_the_same_card_state(client: Any, settings: Settings, worker_ctx: WorkerContext) -> None:
+    """All 24 orders of receive / gifting / gift returned / consume leave the card consumed with the same holder."""
+    pushes = _status_events(settings)
+    finals = set()
+    for order in itertools.permutations(range(4)):
+        with worker_ctx.engine.begin() as conn:
+            conn.execute(cards.delete())
+            conn.execute(sa.text("DELETE FROM event_attempts"))
+            conn.execute(sa.text("DELETE FROM events"))
+        for i in order:
+            assert client.post("/wechat", query_string=pushes[i][0], data=pushes[i][1]).status_code == 200
+            with worker_ctx.engine.connect() as conn:
+                last = conn.execute(sa.text("SELECT max(id) FROM events")).scalar_one()
+            process_events([int(last)])  # one at a time, in this arrival order
+        card = card_row(worker_ctx, "880000000001")
+        finals.add((card["status"], card["oa_openid"], card["origin"]))
+    assert finals == {("consumed", "oOA_order", "push")}
+
+
+def test_late_events_never_move_a_card_backwards(client: Any, settings: Settings, worker_ctx: WorkerContext) -> None:
+    """A replayed older event after a deletion leaves the card deleted."""
+    t = int(time.time())
+    common = {"FromUserName": "oOA_late", "CardId": CARD, "UserCardCode": "880000000002"}
+    for event, when in (("user_get_card", t), ("user_del_card", t + 5), ("user_gifting_card", t + 2)):
+        query, body = make_push(settings, event, CreateTime=when, **common)
+        client.post("/wechat", query_string=query, data=body)
+    process_events([1, 2, 3])
+    assert card_row(worker_ctx, "880000000002")["status"] == "deleted"
+
+
+def test_concurrent_workers_on_one_card_agree(client: Any, settings: Settings, worker_ctx: WorkerContext) -> None:
+    """Two workers handling events of the same card at the same moment end in one consistent row."""
+    t = int(time.time())
+    common = {"FromUserName": "oOA_race", "CardId": CARD, "UserCardCode": "880000000003"}
+    for i in range(20):
+        event = "user_get_card" if i % 2 == 0 else "user_gifting_card"
+        query, body = make_push(settings, event, CreateTime=t + i, **common)
+        assert client.post("/wechat", query_string=query, data=body).status_code == 200
+    errors: list[BaseException] = []
+
+    def run(ids: list[int]) -> None:
+        try:
+            process_events(ids)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=([i for i in range(1, 21) if i % 2 == k],)) for k in (0, 1)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    card = card_row(worker_ctx, "880000000003")
+    # The latest event (t+19, a gifting) wins, whichever worker applied it.
+    assert (card["status"], card["status_time"], card["oa_openid"]) == ("gifting", t + 19, "oOA_race")
+    with worker_ctx.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(cards)).scalar_one() == 1
+
+
+def test_gap_recovery_records_a_receipt_whose_push_was_lost(
+    live: tuple[str, Settings, FakeWeixin], ctx: WorkerContext
+) -> None:
+    """No push ever came (Weixin gave up): card/code/get confirms the code, the card is recovered."""
+    base, _, fake = live
+    added = fake.add_card(CARD, "oOA_lost")
+    fake.wait_for_pushes(1)
+    with ctx.engine.begin() as conn:  # the push is lost: as if it never arrived
+        conn.execute(sa.text("DELETE FROM events"))
+    receipt(base, "oMP_lost", added["encrypt_code"])
+    receipt(base, "oMP_ghost", "bm90LWEtcmVhbC1jb2Rl")  # an encrypted code Weixin never issued
+    work(ctx)
+    assert schedule_recovery(ctx) >= 1
+    work(ctx)
+    card = card_row(ctx, added["code"])
+    assert (card["origin"], card["oa_openid"], card["mp_openid"], card["status"]) == (
+        "recovered", "oOA_lost", "oMP_lost", "received"
+    )
+    with ctx.engine.connect() as conn:
+        data = report(conn)
+    assert data["recovered"] == 1
+    assert schedule_recovery(ctx) == 0  # nothing waiting any more
+
+
+def test_undecodable_code_is_a_permanent_failure_and_reported(
+    live: tuple[str, Settings, FakeWeixin], ctx: WorkerContext
+) -> None:
+    """An encrypt_code Weixin rejects (40056) fails that record only, with the errcode kept."""
+    base, _, fake = live
+    added = fake.add_card(CARD, "oOA_ok")
+    resp = mp_post(base, "card-receipts", {"mp_openid": "oMP_mixed", "card_list": [
+        {"card_id": CARD, "code": added["encrypt_code"], "is_success": True},
+        {"card_id": CARD, "code": "Zm9yZ2VkLWNvZGU=", "is_success": True},
+        {"card_id": CARD, "code": "bm90LWFkZGVk", "is_success": False}]})
+    assert resp.status_code == 202
+    fake.wait_for_pushes(1)
+    work(ctx)
+    with ctx.engine.connect() as conn:
+        rows = conn.execute(sa.select(mp_records.c.status, mp_records.c.match, mp_records.c.last_error)
+                            .order_by(mp_records.c.id)).all()
+    assert [r[0] for r in rows] == ["processed", "failed", "processed"]
+    assert rows[1][2] and "40056" in rows[1][2]
+    assert [rows[0][1], rows[1][1], rows[2][1]] == ["matched", None, "ignored"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "mp_openid"),
+        ({"mp_openid": "o1"}, "card_list"),
+        ({"mp_openid": "o1", "card_list": []}, "card_list"),
+        ({"mp_openid": "o1", "card_list": ["x"]}, "card_list[0]"),
+        ({"mp_openid": "o1", "card_list": [{"code": "c"}]}, "card_list[0].card_id"),
+        ({"mp_openid": "o1", "card_list": [{"card_id": "p"}]}, "card_list[0].code"),
+        ({"mp_openid": "o1", "card_list": [{"card_id": "p", "code": "c", "is_success": "yes"}]},
+         "card_list[0].is_success"),
+        ({"mp_openid": 7, "card_list": [{"card_id": "p", "code": "c"}]}, "mp_openid"),
+        ({"mp_openid": "o" * 200, "card_list": [{"card_id": "p", "code": "c"}]}, "mp_openid"),
+    ],
+)
+def test_mp_api_bad_input_names_the_field(live: tuple[str, Settings, FakeWeixin], body: dict[str, Any], field: str) -> None:
+    """A 400 that names the offending field; nothing stored."""
+    base, _, _ = live
+    resp = mp_post(base, "card-receipts", body)
+    assert resp.status_code == 400 and resp.json()["field"] == field
+
+
+def test_mp_api_needs_the_bearer_key(live: tuple[str, Settings, FakeWeixin]) -> None:
+    """Without the right bearer key: 401 on every Mini Program endpoint."""
+    base, _, _ = live
+    assert mp_post(base, "card-receipts", {}, key="wrong-key").status_code == 401
+    assert requests.get(f"{base}/api/mp/users/o1/cards", timeout=5).status_code == 401
+    assert requests.post(f"{base}/api/mp/card-ext", json={"card_id": CARD}, timeout=5).status_code == 401
+
+
+def test_card_ext_is_signed_with_the_shared_ticket_and_accepted_by_weixin(
+    live: tuple[str, Settings, FakeWeixin], ctx: WorkerContext
+) -> None:
+    """The cardExt from /api/mp/card-ext passes the (fake) Weixin's signature check on add-card."""
+    base, _, fake = live
+    resp = mp_post(base, "card-ext", {"card_id": CARD, "outer_str": "mp-banner"})
+    assert resp.status_code == 200
+    card_ext = resp.json()["card_ext"]
+    added = fake.add_card(CARD, "oOA_ext", card_ext=card_ext)
+    assert added["code"]
+    assert fake.calls("/cgi-bin/ticket/getticket") == 1
+    mp_post(base, "card-ext", {"card_id": CARD})
+    assert fake.calls("/cgi-bin/ticket/getticket") == 1  # cached and shared
+
+
+def test_coupon_entry_links_the_two_openids(live: tuple[str, Settings, FakeWeixin], ctx: WorkerContext) -> None:
+    """Seed flow 4: a user arriving from a coupon gives card_id, encrypt_code and the OA openid."""
+    base, _, fake = live
+    added = fake.add_card(CARD, "oOA_entry")
+    fake.wait_for_pushes(1)
+    resp = mp_post(base, "coupon-entries", {"card_id": CARD, "encrypt_code": added["encrypt_code"],
+                                            "oa_openid": "oOA_entry", "mp_openid": "oMP_entry"})
+    assert resp.status_code == 202
+    work(ctx)
+    card = card_row(ctx, added["code"])
+    assert (card["oa_openid"], card["mp_openid"]) == ("oOA_entry", "oMP_entry")

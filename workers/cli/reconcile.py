@@ -1,0 +1,37 @@
+"""`wxcoupon reconcile`: how the two sides of each card line up."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from webhook.store import make_engine
+
+from ..reconcile import report as build_report
+from .common import settings_or_exit
+
+
+@click.group("reconcile")
+def reconcile() -> None:
+    """Official Account pushes against Mini Program records."""
+
+
+@reconcile.command("report")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@click.option("--limit", type=int, default=100, show_default=True, help="Unmatched items to list.")
+def report(as_json: bool, limit: int) -> None:
+    """Matched, waiting, recovered and unmatched counts, and the unmatched items."""
+    engine = make_engine(settings_or_exit())
+    with engine.connect() as conn:
+        data = build_report(conn, unmatched_limit=limit)
+    engine.dispose()
+    if as_json:
+        click.echo(json.dumps(data, default=str, ensure_ascii=False))
+        return
+    for name in ("matched", "waiting", "recovered", "unmatched", "ignored", "undecoded", "oa_only"):
+        click.echo(f"{name:<10} {data[name]}")
+    for item in data["unmatched_items"]:
+        click.echo(
+            f"unmatched record {item['id']}: {item['kind']} card={item['card_id']} code={item['code']} "
+            f"mp_openid={item['mp_openid']} error={item['last_error'] or '-'}"
+        )
