@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import requests
 
 from . import procs
 
@@ -46,14 +47,30 @@ def test_dev_runs_web_worker_and_embedded_redis_then_stops_cleanly(tmp_path: Pat
                 break
             time.sleep(0.3)
         assert status == "processed", log.read_text()
+        # The fake Weixin started by dev pushes a sandbox card to the service.
+        dev_env = dict(line.split("=", 1) for line in (tmp_path / "instance" / "dev.env").read_text().splitlines()
+                       if "=" in line and not line.startswith("#"))
+        fake_url = next(line.split("weixin:   fake, ")[1].split(" ")[0] for line in log.read_text().splitlines()
+                        if "weixin:   fake, " in line)
+        added = requests.post(f"{fake_url}/sandbox/add-card", json={"card_id": "pDevCard", "openid": "oDevUser"},
+                              timeout=5).json()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            listed = procs.wxcoupon(["events", "list", "--json", "--event", "user_get_card"], env, cwd=tmp_path)
+            codes = {json.loads(line)["code"]: json.loads(line)["status"] for line in listed.stdout.splitlines()}
+            if codes.get(added["code"]) == "processed":
+                break
+            time.sleep(0.3)
+        assert codes.get(added["code"]) == "processed", log.read_text()
+        assert dev_env["MP_API_KEY"]
         children = psutil.Process(proc.pid).children(recursive=True)
-        assert len(children) >= 3  # web master + workers, RQ worker, embedded redis
+        assert len(children) >= 4  # web master + workers, RQ worker, fake Weixin, embedded redis
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0, log.read_text()
         gone, alive = psutil.wait_procs(children, timeout=10)
         assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], log.read_text()
         text = log.read_text()
-        assert "web    |" in text and "worker |" in text
+        assert "web    |" in text and "worker |" in text and "weixin |" in text
     finally:
         if proc.poll() is None:
             proc.kill()
