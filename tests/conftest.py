@@ -17,7 +17,7 @@ from webhook.config import Settings
 from webhook.store import make_engine
 from workers.context import WorkerContext
 
-pytest_plugins = ["tests.weixin_fixtures"]
+pytest_plugins = ["tests.weixin_fixtures", "tests.live_fixtures"]
 
 TOKEN = "wxcoupontesttoken"
 AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"

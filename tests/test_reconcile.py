@@ -4,78 +4,24 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import requests
 import sqlalchemy as sa
-from rq import Queue, SimpleWorker
-from werkzeug.serving import make_server
 
-from webhook import create_app
 from webhook.cardstore import cards, mp_records
 from webhook.config import Settings
-from workers.context import API_QUEUE, EVENTS_QUEUE, WorkerContext, install
-from workers.dispatch import dispatch_all
+from workers.context import WorkerContext
 from workers.fake_weixin import FakeWeixin
 from workers.jobs import process_events
 from workers.reconcile import report
 from workers.recovery import schedule_recovery
 
+from .live_fixtures import MP_KEY, mp_post, work  # the `live` and `ctx` fixtures live there too
 from .pushes import make_push
 
-MP_KEY = "mp-test-key-0123456789abcdef"
 CARD = "pCardReconcile000000000001"
-
-
-@pytest.fixture
-def live(settings: Settings) -> Iterator[tuple[str, Settings, FakeWeixin]]:
-    """The app on a loopback port and a fake Weixin that pushes to it; yields (base URL, settings, fake)."""
-    holder: dict[str, Any] = {}
-
-    def wsgi(environ: Any, start_response: Any) -> Any:
-        return holder["app"](environ, start_response)
-
-    server = make_server("127.0.0.1", 0, wsgi, threaded=True)
-    base = f"http://127.0.0.1:{server.server_port}"
-    fake = FakeWeixin(
-        appid=settings.appid or "", appsecret=settings.appsecret or "", push_to=f"{base}/wechat",
-        token=settings.token, aes_key=settings.aes_key, push_retry_delay=0.0,
-    ).start()
-    s = settings.with_overrides(api_base=fake.url, mp_api_key=MP_KEY, recovery_delay=0.0)
-    holder["app"] = create_app(s)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield base, s, fake
-    fake.stop()
-    server.shutdown()
-    holder["app"].extensions["wxcoupon.engine"].dispose()
-
-
-@pytest.fixture
-def ctx(live: tuple[str, Settings, FakeWeixin], redis_url: str) -> Iterator[WorkerContext]:
-    """A worker context on the live settings (the fake Weixin as the API)."""
-    import redis
-
-    from webhook.store import make_engine
-
-    _, s, _ = live
-    context = WorkerContext(settings=s, engine=make_engine(s), redis=redis.Redis.from_url(redis_url))
-    install(context)
-    yield context
-    context.engine.dispose()
-
-
-def work(ctx: WorkerContext) -> None:
-    """Dispatch everything pending and run the queues dry, as a burst worker does."""
-    dispatch_all(ctx)
-    queues = [Queue(ctx.queue_name(n), connection=ctx.redis) for n in (EVENTS_QUEUE, API_QUEUE)]
-    SimpleWorker(queues, connection=ctx.redis).work(burst=True)
-
-
-def mp_post(base: str, path: str, body: dict[str, Any], key: str = MP_KEY) -> requests.Response:
-    return requests.post(f"{base}/api/mp/{path}", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=10)
 
 
 def receipt(base: str, mp_openid: str, encrypt_code: str, card_id: str = CARD) -> requests.Response:

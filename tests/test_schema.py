@@ -6,6 +6,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 import webhook.cardstore  # noqa: F401  (registers its tables)
+import webhook.members  # noqa: F401  (likewise)
 from webhook import schema
 from webhook.store import metadata
 

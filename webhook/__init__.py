@@ -19,10 +19,18 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     if test_config:
         app.config.update(test_config)
 
-    from . import db, logs, mp_api, views
+    from . import admin, db, health, logs, mp_api, mp_members, views
 
+    if settings.proxies:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        # Trust X-Forwarded-For/-Proto from exactly that many proxies (nginx: 1).
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxies, x_proto=settings.proxies)  # type: ignore[method-assign]
     logs.init_app(app, settings)
     db.init_app(app, settings)
     views.init_app(app)
     mp_api.init_app(app)
+    mp_members.init_app(app)
+    health.init_app(app)
+    admin.init_app(app, settings)
     return app

@@ -26,6 +26,9 @@ DEFAULT_HEARTBEAT_TTL = 15.0  # a worker not heard from for this long is dead
 MIN_ADMIN_KEY = 16  # characters: the admin key guards replays, so no short ones
 MIN_MP_API_KEY = 24  # characters: the Mini Program backend's bearer key
 DEFAULT_RECOVERY_DELAY = 600.0  # seconds a Mini Program record waits for its push before card/code/get
+MEMBERSHIP_STRATEGIES = ("code", "sequence")  # WXCOUPON_MEMBERSHIP_NUMBER: the code itself, or prefix + sequence
+MAX_MEMBERSHIP_PREFIX = 12  # prefix + at least 8 sequence digits fit Weixin's 20-character membership_number
+MAX_CUSTOM_FIELD_VALUE = 12  # bytes of an init_custom_field_value (card/membercard/activate)
 
 _AES_KEY_RE = re.compile(r"^[A-Za-z0-9]{43}$")
 _APPID_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
@@ -70,6 +73,13 @@ class Settings:
     reap_interval: float = DEFAULT_REAP_INTERVAL
     heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL
     proxies: int = 0  # reverse proxies in front whose X-Forwarded-* headers are trusted
+    data_keys: tuple[str, ...] = field(default=(), repr=False)  # WXCOUPON_DATA_KEY: first encrypts, all decrypt
+    membership_number: str = "code"  # code | sequence
+    membership_prefix: str = ""
+    init_bonus: int | None = None  # None: not sent (Weixin's default, 0)
+    init_balance: int | None = None
+    init_bonus_record: str | None = None
+    init_custom_field_values: tuple[str, ...] = ()  # custom_field1..3; "" leaves one unset
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -161,6 +171,62 @@ def _mp_api_key(env: Mapping[str, str]) -> str | None:
     return key
 
 
+def _data_keys(env: Mapping[str, str]) -> tuple[str, ...]:
+    """WXCOUPON_DATA_KEY: comma-separated Fernet keys (32 bytes, URL-safe base64), current first."""
+    raw = env.get("WXCOUPON_DATA_KEY", "").strip()
+    if not raw:
+        return ()
+    keys = tuple(part.strip() for part in raw.split(","))
+    for i, key in enumerate(keys, 1):
+        try:
+            ok = len(base64.urlsafe_b64decode(key.encode("ascii"))) == 32 and len(key) == 44
+        except (ValueError, UnicodeEncodeError):
+            ok = False
+        if not ok:
+            raise ConfigError(
+                f"WXCOUPON_DATA_KEY key {i} is not a Fernet key (44 characters of URL-safe base64 for 32 bytes; "
+                "make one with `python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'`)"
+            )
+    return keys
+
+
+def _optional_int(env: Mapping[str, str], name: str) -> int | None:
+    return _int(env, name, 0) if env.get(name, "").strip() else None
+
+
+def _member_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    """Member-card settings: data key, membership numbers, initial values of an activation."""
+    strategy = env.get("WXCOUPON_MEMBERSHIP_NUMBER", "code").strip().lower() or "code"
+    if strategy not in MEMBERSHIP_STRATEGIES:
+        raise ConfigError(f"WXCOUPON_MEMBERSHIP_NUMBER must be code or sequence (got {strategy!r})")
+    prefix = env.get("WXCOUPON_MEMBERSHIP_PREFIX", "").strip()
+    if prefix and strategy != "sequence":
+        raise ConfigError("WXCOUPON_MEMBERSHIP_PREFIX needs WXCOUPON_MEMBERSHIP_NUMBER=sequence")
+    if not re.fullmatch(rf"[A-Za-z0-9_-]{{0,{MAX_MEMBERSHIP_PREFIX}}}", prefix):
+        raise ConfigError(
+            f"WXCOUPON_MEMBERSHIP_PREFIX must be at most {MAX_MEMBERSHIP_PREFIX} of A-Z, a-z, 0-9, _ and - (got {prefix!r})"
+        )
+    raw_values = env.get("WXCOUPON_INIT_CUSTOM_FIELD_VALUES", "")
+    values = tuple(v.strip() for v in raw_values.split(",")) if raw_values.strip() else ()
+    if len(values) > 3:
+        raise ConfigError("WXCOUPON_INIT_CUSTOM_FIELD_VALUES has more than 3 values (custom_field1..3)")
+    for i, value in enumerate(values, 1):
+        if len(value.encode("utf-8")) > MAX_CUSTOM_FIELD_VALUE:
+            raise ConfigError(
+                f"WXCOUPON_INIT_CUSTOM_FIELD_VALUES value {i} is {len(value.encode('utf-8'))} bytes; "
+                f"Weixin takes at most {MAX_CUSTOM_FIELD_VALUE} bytes (4 Chinese characters)"
+            )
+    return {
+        "data_keys": _data_keys(env),
+        "membership_number": strategy,
+        "membership_prefix": prefix,
+        "init_bonus": _optional_int(env, "WXCOUPON_INIT_BONUS"),
+        "init_balance": _optional_int(env, "WXCOUPON_INIT_BALANCE"),
+        "init_bonus_record": env.get("WXCOUPON_INIT_BONUS_RECORD", "").strip() or None,
+        "init_custom_field_values": values,
+    }
+
+
 def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) -> Settings:
     """Read and validate settings; raises ConfigError naming the bad variable."""
     if env is None:
@@ -225,4 +291,5 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) 
         reap_interval=_float(env, "WXCOUPON_REAP_INTERVAL", DEFAULT_REAP_INTERVAL),
         heartbeat_ttl=_float(env, "WXCOUPON_HEARTBEAT_TTL", DEFAULT_HEARTBEAT_TTL),
         proxies=_int(env, "WXCOUPON_PROXIES", 0),
+        **_member_settings(env),
     )

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import logging
+import time
 
-from flask import Blueprint, Flask, Response, request
+from flask import Blueprint, Flask, Response, g, request
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from . import db
+from . import db, metrics
 from .envelope import open_push, verify_url
 from .errors import PayloadTooLargeError, StoreUnavailableError, WebhookError
 from .events import parse_push
@@ -32,6 +33,7 @@ def verify() -> Response:
 @bp.post("/wechat")
 def receive() -> Response:
     """Accept one push: verify, decrypt, parse, commit, then answer `success`."""
+    started = g.get("request_started") or time.perf_counter()
     settings = db.get_settings()
     body = request.get_data(cache=False)
     opened = open_push(request.args, body, settings)
@@ -46,6 +48,8 @@ def receive() -> Response:
         log.info("duplicate push acknowledged", extra={"event": push.event or push.msg_type})
     else:
         log.info("push stored", extra={"event_id": event_id, "event": push.event or push.msg_type})
+    metrics.count_push(push.event or push.msg_type, "duplicate" if event_id is None else "stored")
+    metrics.observe_ack(time.perf_counter() - started)
     return _plain("success")
 
 
@@ -55,6 +59,7 @@ def handle_webhook_error(exc: WebhookError) -> Response:
         "push rejected",
         extra={"reason": exc.reason, "status": exc.status, "remote": request.remote_addr, "path": request.path},
     )
+    metrics.count_rejection(exc.reason)
     return _plain(exc.reason, exc.status)
 
 

@@ -16,9 +16,11 @@ from rq.job import Job, JobStatus
 from sqlalchemy import Table
 
 from webhook.cardstore import mp_records
+from webhook.members import activations
 from webhook.store import EventStatus, events, claim_pending, mark_queued, release_jobs, stale_job_ids, utcnow, writing
 
 from .context import EVENTS_QUEUE, WorkerContext
+from .reaper import reap_stuck
 from .failures import job_retry
 from .recovery import schedule_recovery
 
@@ -26,6 +28,7 @@ log = logging.getLogger("wxcoupon.dispatch")
 
 PROCESS_EVENTS = "workers.jobs.process_events"
 PROCESS_MP_RECORDS = "workers.jobs.process_mp_records"
+PROCESS_ACTIVATIONS = "workers.jobs.process_activations"
 # One dispatcher at a time across all workers: concurrent ones would be safe
 # (the status update decides who wins each event) but would only contend.
 LOCK_TTL = 30
@@ -51,6 +54,7 @@ class Outbox:
 OUTBOXES = (
     Outbox(events, PROCESS_EVENTS, "evt"),
     Outbox(mp_records, PROCESS_MP_RECORDS, "mpr"),
+    Outbox(activations, PROCESS_ACTIVATIONS, "act"),  # member card activation requests
 )
 
 
@@ -164,8 +168,9 @@ class Dispatcher(threading.Thread):
                         moved = dispatch_once(self.ctx)
                         if time.monotonic() >= self._next_reap:
                             reap_orphans(self.ctx)
+                            reap_stuck(self.ctx)  # rows held by a worker that died
                             schedule_recovery(self.ctx)
-                            self._next_reap = time.monotonic() + REAP_INTERVAL
+                            self._next_reap = time.monotonic() + self.ctx.settings.reap_interval
                     finally:
                         try:
                             lock.release()

@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from . import card_events
+from . import card_events, member_info
 from .context import WorkerContext
 
 Row = dict[str, Any]
@@ -42,6 +42,8 @@ HANDLERS: dict[str, Handler] = {
     "user_gifting_card": Handler(apply=card_events.on_user_gifting_card),
     "user_del_card": Handler(apply=card_events.on_user_del_card),
     "user_consume_card": Handler(apply=card_events.on_user_consume_card),
+    # Non-redirect activation component: read the submitted form, store it encrypted.
+    "submit_membercard_user_info": Handler(fetch=member_info.fetch_member_info, apply=member_info.apply_member_info),
 }
 
 

@@ -24,6 +24,13 @@ def process_mp_records(record_ids: list[int]) -> dict[str, int]:
     return run_batch(ctx, mp_records, record_ids, load_records, handler_for_record).summary()
 
 
+def process_activations(activation_ids: list[int]) -> dict[str, int]:
+    """Activate member cards for the Mini Program's activation and registration requests (idempotent)."""
+    from .activation import process_activations as process
+
+    return process(context.current(), [int(i) for i in activation_ids])
+
+
 def recover_records(record_ids: list[int]) -> dict[str, int]:
     """Check overdue Mini Program records with card/code/get (gap recovery)."""
     from .recovery import recover_records as recover

@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
+from typing import Any
 
 from rq import Queue, SimpleWorker
 
+from webhook import metrics
+
 from .context import API_QUEUE, EVENTS_QUEUE, WorkerContext, install
 from .dispatch import Dispatcher, dispatch_all
+from .reaper import Heartbeat, children_die_with_this_process
 
 log = logging.getLogger("wxcoupon.worker")
 
@@ -14,6 +20,18 @@ log = logging.getLogger("wxcoupon.worker")
 def queues_for(ctx: WorkerContext) -> list[Queue]:
     """The project's queues in priority order: events first, then API work."""
     return [Queue(ctx.queue_name(name), connection=ctx.redis) for name in (EVENTS_QUEUE, API_QUEUE)]
+
+
+class MeasuredWorker(SimpleWorker):
+    """RQ's in-process worker, timing each job into the job duration metric."""
+
+    def perform_job(self, job: Any, queue: Queue, *args: Any, **kwargs: Any) -> bool:
+        """Run the job as RQ does; record its duration and outcome."""
+        started = time.perf_counter()
+        ok = bool(super().perform_job(job, queue, *args, **kwargs))
+        name = (job.func_name or "?").rsplit(".", 1)[-1]
+        metrics.observe_job(name, "finished" if ok else "failed", time.perf_counter() - started)
+        return ok
 
 
 def run_worker(ctx: WorkerContext, *, burst: bool = False, dispatcher: bool = True, name: str | None = None) -> bool:
@@ -24,7 +42,20 @@ def run_worker(ctx: WorkerContext, *, burst: bool = False, dispatcher: bool = Tr
     that dies, and the reaper returns its events to the queue.
     """
     install(ctx)
-    worker = SimpleWorker(queues_for(ctx), connection=ctx.redis, name=name)
+    children_die_with_this_process()  # RQ's forked scheduler must not outlive a killed worker
+    worker = MeasuredWorker(queues_for(ctx), connection=ctx.redis, name=name)
+    # The reaper tells a dead worker from a slow job by this key.
+    heartbeat = Heartbeat(ctx, worker.name)
+    heartbeat.beat()
+    heartbeat.start()
+    try:
+        return _work(ctx, worker, burst=burst, dispatcher=dispatcher)
+    finally:
+        heartbeat.stop()
+        metrics.mark_process_dead(os.getpid())
+
+
+def _work(ctx: WorkerContext, worker: SimpleWorker, *, burst: bool, dispatcher: bool) -> bool:
     if burst:
         # In burst mode the outbox is drained first, so the run sees every event.
         dispatch_all(ctx)

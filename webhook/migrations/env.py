@@ -5,6 +5,7 @@ from alembic import context
 from sqlalchemy import create_engine
 
 import webhook.cardstore  # noqa: F401  (registers its tables on the metadata)
+import webhook.members  # noqa: F401  (likewise)
 from webhook.store import metadata
 
 config = context.config

@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import click
 import redis
 
+from webhook.config import Settings
+from webhook.metrics import MULTIPROC_ENV
+
 from ..context import build_context
 from ..dispatch import dispatch_all, reap_orphans
+from ..reaper import reap_stuck
 from ..runner import run_worker
 from .common import settings_or_exit
 
@@ -17,6 +22,25 @@ from .common import settings_or_exit
 DEFAULT_WEB_WORKERS = 2
 # Weixin gives up after 5 s; a request still running at 10 s is stuck.
 WEB_TIMEOUT = 10
+
+
+def metrics_dir(settings: Settings) -> Path:
+    """This host's shared Prometheus folder: PROMETHEUS_MULTIPROC_DIR, else one in the instance folder.
+
+    Set in the environment before prometheus_client is first imported, so
+    every process of the host (gunicorn's and RQ's) writes its values there.
+    """
+    value = os.environ.get(MULTIPROC_ENV, "").strip()
+    path = Path(value) if value else (settings.instance_path / "prometheus").resolve()
+    os.environ[MULTIPROC_ENV] = str(path)
+    return path
+
+
+def _child_exit(_server: Any, worker: Any) -> None:
+    """gunicorn hook: a web worker exited; drop its live gauges."""
+    from webhook.metrics import mark_process_dead
+
+    mark_process_dead(worker.pid)
 
 
 def gunicorn_options(host: str, port: int, workers: int, access_log: bool) -> dict[str, Any]:
@@ -33,6 +57,7 @@ def gunicorn_options(host: str, port: int, workers: int, access_log: bool) -> di
         # gunicorn 25+ opens a control socket at a fixed per-user path; two
         # instances on one host would fight over it, and nothing here uses it.
         "control_socket_disable": True,
+        "child_exit": _child_exit,
     }
     if access_log:
         options["accesslog"] = "-"
@@ -50,9 +75,12 @@ def serve(
     click_ctx: click.Context, host: str, port: int, workers: int | None, gunicorn_config: str | None, access_log: bool
 ) -> None:
     """Serve the webhook under gunicorn."""
-    from gunicorn.app.base import BaseApplication
+    from gunicorn.app.base import Application
 
-    settings_or_exit()  # fail here, once, with the variable's name
+    settings = settings_or_exit()  # fail here, once, with the variable's name
+    from webhook.metrics import prepare_multiproc_dir
+
+    prepare_multiproc_dir(metrics_dir(settings))
     if workers is None:
         workers = int(os.environ.get("WEB_CONCURRENCY", DEFAULT_WEB_WORKERS))
     defaults = gunicorn_options(host, port, workers, access_log)
@@ -69,7 +97,7 @@ def serve(
     if "workers" in explicit:
         overrides["workers"] = workers
 
-    class WebApplication(BaseApplication):
+    class WebApplication(Application):  # Application: it can read a config file
         def load_config(self) -> None:
             for key, value in defaults.items():
                 if key in self.cfg.settings:  # settings differ across gunicorn versions
@@ -90,13 +118,18 @@ def serve(
 @click.command("worker")
 @click.option("--burst", is_flag=True, help="Drain the outbox and the queues, then exit.")
 @click.option("--no-dispatcher", is_flag=True, help="Do not run the outbox dispatcher in this worker.")
-@click.option("--name", default=None, help="Worker name (default: RQ's).")
+@click.option("--name", default=None, help="Worker name prefix; the process id is appended [default: RQ's].")
 def worker(burst: bool, no_dispatcher: bool, name: str | None) -> None:
     """Run an RQ worker for wxcoupon's queues (and the outbox dispatcher)."""
     from webhook.logs import configure_logging
 
     settings = settings_or_exit()
     configure_logging(settings.log_format)
+    metrics_dir(settings).mkdir(parents=True, exist_ok=True)
+    if name:
+        # RQ refuses a name still registered to a worker that was killed (for
+        # minutes); a restarted process must not inherit the dead one's name.
+        name = f"{name}.{os.getpid()}"
     ctx = build_context(settings)
     try:
         ok = run_worker(ctx, burst=burst, dispatcher=not no_dispatcher, name=name)
@@ -108,12 +141,13 @@ def worker(burst: bool, no_dispatcher: bool, name: str | None) -> None:
 
 @click.command("sweep")
 def sweep() -> None:
-    """Enqueue every pending event now (workers also do this on their own)."""
+    """Enqueue every pending event now, and requeue work of dead workers (workers do both on their own)."""
     settings = settings_or_exit()
     ctx = build_context(settings)
     try:
         released = reap_orphans(ctx)
+        stuck = reap_stuck(ctx)
         queued = dispatch_all(ctx)
     except redis.RedisError as exc:
         raise click.ClickException(f"redis unreachable, events stay pending: {type(exc).__name__}") from None
-    click.echo(f"queued {queued} pending event(s); released {released} orphaned")
+    click.echo(f"queued {queued} pending event(s); released {released} orphaned; requeued {stuck} from dead workers")

@@ -237,6 +237,20 @@ class FakeWeixin:
             "custom_field_list": custom_field_list or [], "expires_in": expires_in,
         })
 
+    def submit_activation(
+        self, card_id: str, code: str, openid: str, fields: dict[str, Any] | None = None,
+        custom_fields: dict[str, Any] | None = None, expires_in: int | None = None,
+    ) -> dict[str, Any]:
+        """The user fills a member card's activation component (POST /sandbox/submit-activation).
+
+        Redirect-based card: returns {activate_ticket, card_id, encrypt_code}; non-redirect:
+        Weixin activates the card and pushes submit_membercard_user_info.
+        """
+        return self._sandbox("submit-activation", {
+            "card_id": card_id, "code": code, "openid": openid, "fields": fields or {},
+            "custom_fields": custom_fields or {}, "expires_in": expires_in,
+        })
+
     def set_status(self, card_id: str, code: str, status: str) -> dict[str, Any]:
         """Force a code's status (e.g. EXPIRE), without a push."""
         return self._sandbox("set-status", {"card_id": card_id, "code": code, "status": status})

@@ -14,7 +14,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 
 from .pushes import Pusher
-from .state import Fault, FakeState, PushEvent, WeixinFailure
+from .state import Fault, FakeState, PushEvent, WeixinFailure, form_info
 
 ApiHandler = Callable[[dict[str, Any]], dict[str, Any]]
 SandboxAction = Callable[[FakeState, Mapping[str, Any]], tuple[dict[str, Any], list[PushEvent]]]
@@ -87,6 +87,17 @@ def _activate_form(state: FakeState, body: Mapping[str, Any]) -> tuple[dict[str,
     return {"activate_ticket": ticket, "card_id": card_id, "encrypt_code": state.encrypt(code)}, events
 
 
+def _submit_activation(state: FakeState, body: Mapping[str, Any]) -> tuple[dict[str, Any], list[PushEvent]]:
+    fields, custom = body.get("fields") or {}, body.get("custom_fields") or {}
+    if not isinstance(fields, dict) or not isinstance(custom, dict):
+        raise WeixinFailure(40097, "invalid args: fields and custom_fields are objects of name: value")
+    ttl = body.get("expires_in")
+    return state.submit_activation(
+        _req(body, "card_id"), _req(body, "code"), _req(body, "openid"), form_info(fields, custom),
+        ttl=int(ttl) if ttl is not None else None,
+    )
+
+
 def _set_status(state: FakeState, body: Mapping[str, Any]) -> tuple[dict[str, Any], list[PushEvent]]:
     held = state.set_status(_req(body, "card_id"), _req(body, "code"), _req(body, "status"))
     return {"card_id": held.card_id, "code": held.code, "status": held.status}, []
@@ -98,6 +109,7 @@ SANDBOX_ACTIONS: dict[str, SandboxAction] = {
     "consume-card": _consume_card,
     "gift-card": _gift_card,
     "activate-form": _activate_form,
+    "submit-activation": _submit_activation,
     "set-status": _set_status,
 }
 

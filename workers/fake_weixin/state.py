@@ -407,6 +407,7 @@ class FakeState:
         """card/membercard/activate: attach membership data to a NORMAL code."""
         membership_number = _text(body, "membership_number")
         code = _text(body, "code")
+        _check_activate_lengths(body)
         with self.lock:
             held = self._code(code, _text(body, "card_id", required=False))
             if held.status == "CONSUMED":
@@ -534,6 +535,41 @@ class FakeState:
             held.status = status
             return held
 
+    def submit_activation(
+        self, card_id: str, code: str, openid: str, info: Mapping[str, Any], ttl: int | None = None,
+    ) -> tuple[dict[str, Any], list[PushEvent]]:
+        """The user fills the activation component of a member card, as its card/create data says.
+
+        Redirect-based (wx_activate_after_submit true): the plug-in hands the
+        Mini Program {activate_ticket, card_id, encrypt_code}; the card is not
+        active until card/membercard/activate. Non-redirect: Weixin activates
+        the card at once (membership number = code) and pushes
+        submit_membercard_user_info; card/code/get then returns the form.
+        """
+        with self.lock:
+            card = self._card(card_id)
+            member = card.definition.get("member_card") if card.card_type == "MEMBER_CARD" else None
+            if not isinstance(member, dict) or member.get("wx_activate") is not True:
+                raise WeixinFailure(40097, "invalid args: the card has no activation component (wx_activate)")
+            held = self._normal(card_id, code)
+            if held.openid != openid:
+                raise WeixinFailure(40097, "invalid args: openid does not hold this code")
+            if held.membership is not None:
+                raise WeixinFailure(40097, "invalid args: the card is already activated")
+            form = {
+                "common_field_list": copy.deepcopy(list(info.get("common_field_list") or [])),
+                "custom_field_list": copy.deepcopy(list(info.get("custom_field_list") or [])),
+            }
+            held.user_info = copy.deepcopy(form)
+            if member.get("wx_activate_after_submit") is True:
+                ticket = secrets.token_urlsafe(24)
+                lifetime = self.activate_ticket_ttl if ttl is None else ttl
+                self._activate_tickets[ticket] = _ActivateTicket(card_id, code, form, self.clock() + lifetime)
+                return {"activate_ticket": ticket, "card_id": card_id, "encrypt_code": self.encrypt(code)}, []
+            held.membership = {"membership_number": code, "bonus": 0, "balance": 0}
+            event = self._event("submit_membercard_user_info", held.openid, CardId=card_id, UserCardCode=code)
+            return {"card_id": card_id, "code": code, "encrypt_code": self.encrypt(code), "activated": True}, [event]
+
     def submit_activation_form(
         self, card_id: str, code: str, info: Mapping[str, Any], ttl: int | None = None,
     ) -> tuple[str, list[PushEvent]]:
@@ -550,6 +586,35 @@ class FakeState:
             self._activate_tickets[ticket] = _ActivateTicket(card_id, code, form, self.clock() + lifetime)
             event = self._event("submit_membercard_user_info", held.openid, CardId=card_id, UserCardCode=code)
             return ticket, [event]
+
+
+# card/membercard/activate's documented limits, in bytes; the fake answers 40097 beyond them.
+ACTIVATE_LIMITS = {
+    "membership_number": 20, "code": 20, "card_id": 32, "background_pic_url": 128,
+    "init_custom_field_value1": 12, "init_custom_field_value2": 12, "init_custom_field_value3": 12,
+}  # fmt: skip
+
+
+def _check_activate_lengths(body: Mapping[str, Any]) -> None:
+    for name, limit in ACTIVATE_LIMITS.items():
+        value = body.get(name)
+        if value is not None and len(str(value).encode("utf-8")) > limit:
+            raise WeixinFailure(40097, f"invalid args: {name} longer than {limit} bytes")
+
+
+def form_info(fields: Mapping[str, Any], custom_fields: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A {name: value} form as Weixin's info: common_field_list and custom_field_list."""
+
+    def listed(values: Mapping[str, Any]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for name, value in values.items():
+            if isinstance(value, list):
+                out.append({"name": str(name), "value_list": [str(v) for v in value]})
+            else:
+                out.append({"name": str(name), "value": str(value)})
+        return out
+
+    return {"common_field_list": listed(fields), "custom_field_list": listed(custom_fields or {})}
 
 
 def _merge(target: dict[str, Any], patch: Mapping[str, Any]) -> None:

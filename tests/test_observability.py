@@ -1,0 +1,235 @@
+"""Probes, Prometheus metrics across processes, and structured, redacted logs."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from rq import Queue, SimpleWorker
+
+from webhook import create_app, logs, metrics
+from webhook.config import Settings
+from workers import handlers
+from workers.context import EVENTS_QUEUE, WorkerContext
+from workers.dispatch import dispatch_all
+
+from . import procs
+from .pushes import make_push
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        metric, _, value = line.rpartition(" ")
+        base, _, raw_labels = metric.partition("{")
+        got = ",".join(sorted(raw_labels.rstrip("}").split(","))) if raw_labels else ""
+        if base == name and got == want:
+            return float(value)
+    return 0.0
+
+
+def test_healthz_and_readyz_when_everything_answers(client: Any) -> None:
+    """/healthz says ok; /readyz checks the database and Redis and says ready."""
+    assert client.get("/healthz").status_code == 200
+    resp = client.get("/readyz")
+    assert resp.status_code == 200
+    assert resp.get_json() == {"status": "ready", "checks": {"database": "ok", "redis": "ok"}}
+
+
+def test_readyz_is_503_naming_redis_when_it_is_down(settings: Settings) -> None:
+    """With Redis unreachable /readyz answers 503 and names it; /healthz still says ok."""
+    down = settings.with_overrides(redis_url=f"redis://127.0.0.1:{procs.free_port()}/0")
+    app = create_app(down, {"TESTING": True})
+    resp = app.test_client().get("/readyz")
+    assert resp.status_code == 503
+    checks = resp.get_json()["checks"]
+    assert checks["database"] == "ok" and checks["redis"].startswith("error: ConnectionError")
+    assert app.test_client().get("/healthz").status_code == 200
+
+
+def test_readyz_is_503_naming_the_database_when_it_is_down(settings: Settings, tmp_path: Path) -> None:
+    """A database that cannot be opened makes /readyz 503 with the database named."""
+    broken = settings.with_overrides(database_url=f"sqlite:///{tmp_path}/missing/dir/db.sqlite3")
+    resp = create_app(broken, {"TESTING": True}).test_client().get("/readyz")
+    assert resp.status_code == 503
+    assert resp.get_json()["checks"]["database"].startswith("error: OperationalError")
+
+
+def test_readyz_is_503_until_the_schema_is_migrated(settings: Settings, tmp_path: Path) -> None:
+    """A reachable database without `wxcoupon db upgrade` is not ready: pushes would all get 503."""
+    fresh = settings.with_overrides(database_url=f"sqlite:///{tmp_path}/fresh.sqlite3")
+    resp = create_app(fresh, {"TESTING": True}).test_client().get("/readyz")
+    assert resp.status_code == 503
+    assert resp.get_json()["checks"]["database"] == "error: SchemaMissingError"
+
+
+def test_metrics_count_pushes_rejections_and_ack_latency(client: Any, settings: Settings) -> None:
+    """Stored and duplicate pushes by event, rejections by reason, and the ack histogram move by what happened."""
+    before = client.get("/metrics").get_data(as_text=True)
+    query, body = make_push(settings, "user_del_card", UserCardCode="410000000001")
+    for _ in range(2):  # the second is Weixin's retry: a duplicate
+        assert client.post("/wechat", query_string=query, data=body).status_code == 200
+    bad = dict(query, msg_signature="0" * 40)
+    assert client.post("/wechat", query_string=bad, data=body).status_code == 403
+    after = client.get("/metrics").get_data(as_text=True)
+
+    def delta(name: str, **labels: str) -> float:
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    assert delta("wxcoupon_pushes_total", event="user_del_card", outcome="stored") == 1
+    assert delta("wxcoupon_pushes_total", event="user_del_card", outcome="duplicate") == 1
+    assert delta("wxcoupon_push_rejections_total", reason="invalid_signature") == 1
+    assert delta("wxcoupon_push_ack_seconds_count") == 2
+    assert delta("wxcoupon_push_ack_seconds_bucket", le="5.0") == 2
+    assert sample(after, "wxcoupon_events_unfinished", status="pending") == 1
+    assert "wxcoupon_queue_depth" in after
+
+
+def test_weixin_reconcile_and_token_hooks_never_raise(client: Any) -> None:
+    """The hooks other modules call record labelled samples, and bad input is counted as `other`."""
+    before = client.get("/metrics").get_data(as_text=True)
+    metrics.observe_weixin_call("/card/code/get?access_token=SECRET", 40056, 0.12)
+    metrics.observe_weixin_call("/cgi-bin/token", None)
+    metrics.count_reconcile("matched", 3)
+    metrics.count_token_refresh()
+    metrics.count_push("evil\nlabel{}", "stored")
+    metrics.observe_ack("not a number")  # type: ignore[arg-type]
+    after = client.get("/metrics").get_data(as_text=True)
+    assert "SECRET" not in after
+    assert sample(after, "wxcoupon_weixin_api_calls_total", api="/card/code/get", errcode="40056") - sample(
+        before, "wxcoupon_weixin_api_calls_total", api="/card/code/get", errcode="40056") == 1
+    assert sample(after, "wxcoupon_weixin_api_calls_total", api="/cgi-bin/token", errcode="network") >= 1
+    assert sample(after, "wxcoupon_reconcile_outcomes_total", outcome="matched") - sample(
+        before, "wxcoupon_reconcile_outcomes_total", outcome="matched") == 3
+    assert sample(after, "wxcoupon_token_refreshes_total", result="ok") >= 1
+    assert sample(after, "wxcoupon_pushes_total", event="other", outcome="stored") >= 1
+
+
+def test_prepare_multiproc_dir_empties_a_dead_run_and_keeps_live_processes(tmp_path: Path) -> None:
+    """Between runs the folder is emptied; with a live process in it, only dead processes' live gauges go."""
+    folder = tmp_path / "prom"
+    folder.mkdir()
+    dead_pid = 2**22 + 12345  # above any pid_max default: never a live process
+    for name in (f"counter_{dead_pid}.db", f"gauge_livesum_{dead_pid}.db"):
+        (folder / name).write_bytes(b"")
+    metrics.prepare_multiproc_dir(folder)
+    assert list(folder.iterdir()) == []
+    for name in (f"counter_{dead_pid}.db", f"gauge_livesum_{dead_pid}.db", f"counter_{os.getpid()}.db"):
+        (folder / name).write_bytes(b"")
+    metrics.prepare_multiproc_dir(folder)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([f"counter_{dead_pid}.db", f"counter_{os.getpid()}.db"])
+
+
+@pytest.fixture
+def served(settings: Settings, tmp_path: Path) -> Iterator[tuple[str, dict[str, str], Path]]:
+    """`wxcoupon serve` with 4 gunicorn workers and its own multiprocess metrics folder."""
+    prom = tmp_path / "prom"
+    env = procs.settings_env(settings, PROMETHEUS_MULTIPROC_DIR=str(prom), WXCOUPON_LOG_FORMAT="json")
+    port = procs.free_port()
+    log = tmp_path / "serve.log"
+    proc = procs.start(["serve", "--port", str(port), "--workers", "4"], env, log)
+    base = f"http://127.0.0.1:{port}"
+    procs.wait_http(f"{base}/healthz", proc, log)
+    yield base, env, log
+    procs.stop(proc)
+
+
+@pytest.mark.slow
+def test_counters_are_exact_across_gunicorn_workers_and_rq_workers(
+    served: tuple[str, dict[str, str], Path], settings: Settings
+) -> None:
+    """Pushes spread over 4 gunicorn processes and a job run by a separate worker process add up exactly in
+    every scrape, whichever process answers it."""
+    base, env, log = served
+    for i in range(24):  # a new connection each: gunicorn spreads them over its workers
+        query, body = make_push(settings, "user_get_card", UserCardCode=f"{420000000000 + i}")
+        resp = requests.post(f"{base}/wechat", params=query, data=body, timeout=5,
+                             headers={"Connection": "close", "X-Request-Id": f"req-test-{i:04d}"})
+        assert resp.text == "success" and resp.headers["X-Request-Id"] == f"req-test-{i:04d}"
+    for _ in range(5):
+        resp = requests.post(f"{base}/wechat", params={"timestamp": "1", "nonce": "n", "msg_signature": "x"},
+                             data=b"<xml/>", timeout=5, headers={"Connection": "close"})
+        assert resp.status_code == 403
+    worker = procs.wxcoupon(["worker", "--burst"], env)
+    assert worker.returncode == 0, worker.stderr
+    scrapes = [requests.get(f"{base}/metrics", timeout=5, headers={"Connection": "close"}).text for _ in range(8)]
+    for text in scrapes:
+        assert sample(text, "wxcoupon_pushes_total", event="user_get_card", outcome="stored") == 24
+        assert sample(text, "wxcoupon_push_rejections_total", reason="missing_signature") == 5
+        assert sample(text, "wxcoupon_push_ack_seconds_count") == 24
+        assert sample(text, "wxcoupon_job_duration_seconds_count", job="process_events", outcome="finished") == 1
+        assert sample(text, "wxcoupon_events_unfinished", status="pending") == 0
+    # JSON logs: one object per line, request id on each request line, no query string.
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    requests_logged = [entry for entry in lines if entry.get("msg") == "request" and entry.get("path") == "/wechat"]
+    assert len(requests_logged) == 29
+    assert {e["request_id"] for e in requests_logged} >= {f"req-test-{i:04d}" for i in range(24)}
+    stored = [entry for entry in lines if entry.get("msg") == "push stored"]
+    assert len(stored) == 24 and all(re.fullmatch(r"req-test-\d{4}", e["request_id"]) for e in stored)
+    assert "msg_signature" not in log.read_text()
+
+
+def test_json_log_lines_carry_context_and_hide_secrets() -> None:
+    """Bound ids are stamped on each line; codes are cut to four digits, openids pseudonymized, tokens redacted."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.JSONFormatter())
+    handler.addFilter(logs.ContextFilter())
+    logger = logging.getLogger("wxcoupon.test-json")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        with logs.bind(request_id="r-123", event_id=7):
+            logger.warning(
+                "calling https://api.weixin.qq.com/card/code/get?access_token=TOKENVALUE&x=1",
+                extra={"code": "226009850808", "openid": "oZI8Fj040-be6rlDohc6gkoPOQTQ", "appsecret": "s3cr3t",
+                       "raw_xml": "<xml>...</xml>"},
+            )
+        logger.info("outside")
+    finally:
+        logger.removeHandler(handler)
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["request_id"] == "r-123" and first["event_id"] == 7 and first["level"] == "warning"
+    assert first["code"] == "…0808" and first["openid"].startswith("~") and first["appsecret"] == "[redacted]"
+    assert first["raw_xml"] == "[redacted]"
+    assert "TOKENVALUE" not in stream.getvalue() and "226009850808" not in stream.getvalue()
+    assert "oZI8Fj040" not in stream.getvalue() and "s3cr3t" not in stream.getvalue()
+    assert "request_id" not in second
+
+
+def test_worker_log_lines_carry_the_rq_job_id(
+    client: Any, settings: Settings, worker_ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A line logged inside a job (here the batch's warning about a failed event) carries that job's id."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.TextFormatter())
+    handler.addFilter(logs.ContextFilter())
+    logger = logging.getLogger("wxcoupon")
+    logger.addHandler(handler)
+
+    def refuse(ctx: WorkerContext, row: dict[str, Any]) -> None:
+        raise ValueError("no")
+
+    monkeypatch.setitem(handlers.HANDLERS, "user_get_card", handlers.Handler(fetch=refuse))
+    query, body = make_push(settings, "user_get_card", UserCardCode="430000000001")
+    assert client.post("/wechat", query_string=query, data=body).status_code == 200
+    try:
+        dispatch_all(worker_ctx)
+        [job] = Queue(worker_ctx.queue_name(EVENTS_QUEUE), connection=worker_ctx.redis).get_jobs()
+        SimpleWorker([Queue(worker_ctx.queue_name(EVENTS_QUEUE), connection=worker_ctx.redis)],
+                     connection=worker_ctx.redis).work(burst=True)
+    finally:
+        logger.removeHandler(handler)
+    failed_lines = [line for line in stream.getvalue().splitlines() if "failed" in line and "job_id=" in line]
+    assert failed_lines and all(f"job_id={job.id}" in line for line in failed_lines)

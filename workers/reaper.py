@@ -1,0 +1,248 @@
+"""Stuck work: rows left `processing` (or `queued`) by a worker that died.
+
+A worker killed with SIGKILL, or lost with its machine, leaves its rows in
+`processing` and its RQ job `started` for as long as RQ's own bookkeeping
+believes in it (the job timeout plus a minute, several minutes by default).
+Age alone cannot tell a dead worker from a slow job, so every worker process
+keeps a short-lived heartbeat key in Redis from a thread of its own, and the
+reaper asks, for each job holding rows: does the job still exist, is it still
+running, and is the worker running it alive? Rows of abandoned jobs go back to
+`pending` (the outbox), so the dispatcher queues them again under a new job id;
+a stale copy of the old job then touches nothing, because a job only starts
+rows queued under its own id.
+"""
+from __future__ import annotations
+
+import ctypes
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+from rq.job import Job, JobStatus
+from sqlalchemy import Table, select, update
+
+from webhook import metrics
+from webhook.store import AttemptOutcome, EventStatus, add_attempts, events, utcnow, writing
+
+from .context import WorkerContext
+
+log = logging.getLogger("wxcoupon.reaper")
+
+# A job in one of these states will not finish the rows it holds.
+ENDED = frozenset({JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED})
+# A job waiting to run again (an RQ retry of a crashed run) will not take rows
+# still marked `processing`: only rows `queued` under its id start.
+WAITING = frozenset({JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED})
+FETCH_CHUNK = 500  # jobs looked up per Redis pipeline
+LOST_ERROR = "worker lost: {worker} stopped answering while it held this row"
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_death_signal_registered = False
+
+
+def children_die_with_this_process() -> None:
+    """Processes forked from now on get SIGTERM when their parent dies, even by SIGKILL.
+
+    RQ's worker forks its scheduler; without this, a worker killed with -9
+    leaves that scheduler running forever, reparented to init (Linux only).
+    """
+    global _death_signal_registered
+    if _death_signal_registered or not sys.platform.startswith("linux"):
+        return
+    _death_signal_registered = True
+    forked_by = {"pid": 0}
+
+    def before() -> None:
+        forked_by["pid"] = os.getpid()
+
+    def in_child() -> None:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != forked_by["pid"]:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    os.register_at_fork(before=before, after_in_child=in_child)
+
+
+def heartbeat_key(prefix: str, worker_name: str) -> str:
+    """The Redis key that says worker `worker_name` is alive."""
+    return f"{prefix}:alive:{worker_name}"
+
+
+def worker_alive(ctx: WorkerContext, worker_name: str | None) -> bool:
+    """True while the named worker's heartbeat key exists."""
+    if not worker_name:
+        return False
+    return bool(ctx.redis.exists(heartbeat_key(ctx.settings.queue_prefix, worker_name)))
+
+
+def live_workers(ctx: WorkerContext) -> dict[str, dict[str, Any]]:
+    """Every worker with a live heartbeat: name -> {host, pid, since}."""
+    prefix = heartbeat_key(ctx.settings.queue_prefix, "")
+    found: dict[str, dict[str, Any]] = {}
+    for key in ctx.redis.scan_iter(match=f"{prefix}*", count=500):
+        raw = ctx.redis.get(key)
+        name = (key.decode() if isinstance(key, bytes) else str(key))[len(prefix):]
+        if raw is not None:
+            try:
+                found[name] = json.loads(raw)
+            except ValueError:
+                found[name] = {}
+    return found
+
+
+class Heartbeat(threading.Thread):
+    """Refresh this worker's heartbeat key every third of its lifetime.
+
+    A thread of its own, so a long job does not silence it; a process that is
+    killed stops it at once, and the key expires `heartbeat_ttl` seconds later.
+    """
+
+    def __init__(self, ctx: WorkerContext, worker_name: str) -> None:
+        super().__init__(name="wxcoupon-heartbeat", daemon=True)
+        self.ctx = ctx
+        self.key = heartbeat_key(ctx.settings.queue_prefix, worker_name)
+        self.ttl_ms = max(1000, int(ctx.settings.heartbeat_ttl * 1000))
+        self.value = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": utcnow().isoformat()})
+        self.stopping = threading.Event()
+
+    def beat(self) -> None:
+        """Write the key once (also called before the worker takes its first job)."""
+        self.ctx.redis.set(self.key, self.value, px=self.ttl_ms)
+
+    def stop(self) -> None:
+        """Stop beating and remove the key: a clean exit is not a death."""
+        self.stopping.set()
+        try:
+            self.ctx.redis.delete(self.key)
+        except redis.RedisError:
+            pass
+
+    def run(self) -> None:
+        """Beat until stopped; a Redis outage only delays the next beat."""
+        while not self.stopping.wait(self.ttl_ms / 3000):
+            try:
+                self.beat()
+            except redis.RedisError as exc:
+                log.warning("heartbeat not written", extra={"error": type(exc).__name__})
+
+
+def job_abandoned(ctx: WorkerContext, job: Job | None, row_status: str) -> str | None:
+    """Why the rows a job holds (in `row_status`) will never be finished, or None if they may be.
+
+    `job` is None when RQ no longer has it.
+    """
+    if job is None:
+        return "job gone" if row_status == EventStatus.PROCESSING.value else None
+    status = job.get_status(refresh=False)
+    if status == JobStatus.STARTED:
+        if worker_alive(ctx, job.worker_name):
+            return None
+        return LOST_ERROR.format(worker=job.worker_name or "?")
+    if row_status != EventStatus.PROCESSING.value:
+        # Queued rows of a missing or ended job are the orphan reaper's, after
+        # its grace period (the dispatcher may be enqueuing them right now).
+        return None
+    if status in ENDED:
+        return f"job {status.value if status else 'ended'} with the row unfinished"
+    if status in WAITING:
+        return "job waiting to rerun; it will not take a row still processing"
+    return None
+
+
+def _abandoned_jobs(
+    ctx: WorkerContext, table: Table, status: EventStatus, before: dt.datetime
+) -> dict[str, str]:
+    with ctx.engine.connect() as conn:
+        job_ids = [
+            str(j)
+            for j in conn.execute(
+                select(table.c.job_id)
+                .where(table.c.status == status.value, table.c.updated_at < before, table.c.job_id.is_not(None))
+                .distinct()
+            ).scalars()
+        ]
+    found: dict[str, str] = {}
+    for start in range(0, len(job_ids), FETCH_CHUNK):
+        chunk = job_ids[start : start + FETCH_CHUNK]
+        # One pipeline per chunk: a backlog of queued rows can span thousands of jobs.
+        for job_id, job in zip(chunk, Job.fetch_many(chunk, connection=ctx.redis)):
+            reason = job_abandoned(ctx, job, status.value)
+            if reason is not None:
+                found[job_id] = reason
+    return found
+
+
+def requeue_rows(conn: Any, table: Table, job_id: str, status: EventStatus, reason: str) -> list[int]:
+    """Put the rows `job_id` holds in `status` back to pending; record lost attempts of events."""
+    rows = conn.execute(
+        select(table.c.id, table.c.attempts, table.c.updated_at).where(
+            table.c.job_id == job_id, table.c.status == status.value
+        )
+    ).all()
+    if not rows:
+        return []
+    ids = [int(r.id) for r in rows]
+    conn.execute(
+        update(table)
+        .where(table.c.id.in_(ids), table.c.job_id == job_id, table.c.status == status.value)
+        .values(status=EventStatus.PENDING.value, job_id=None, last_error=reason[:1000], updated_at=utcnow())
+    )
+    if table is events and status == EventStatus.PROCESSING:
+        now = utcnow()
+        add_attempts(
+            conn,
+            [
+                {
+                    "event_id": int(r.id),
+                    "attempt": int(r.attempts),
+                    "job_id": job_id,
+                    "worker": None,
+                    "started_at": r.updated_at or now,
+                    "finished_at": now,
+                    "outcome": AttemptOutcome.RETRYING.value,
+                    "error": reason[:1000],
+                }
+                for r in rows
+            ],
+        )
+    return ids
+
+
+def reap_stuck(ctx: WorkerContext, tables: Sequence[Table] | None = None, min_age: float | None = None) -> int:
+    """Return rows held by dead workers or dead jobs to the outbox; how many moved.
+
+    Rows younger than `min_age` seconds (default: the heartbeat lifetime) are
+    left alone: their worker has not had time to be missed.
+    """
+    if tables is None:
+        from .dispatch import OUTBOXES
+
+        tables = [outbox.table for outbox in OUTBOXES]
+    age = ctx.settings.heartbeat_ttl if min_age is None else min_age
+    before = utcnow() - dt.timedelta(seconds=age)
+    moved = 0
+    for table in tables:
+        for status in (EventStatus.PROCESSING, EventStatus.QUEUED):
+            for job_id, reason in _abandoned_jobs(ctx, table, status, before).items():
+                with writing(ctx.engine) as conn:
+                    ids = requeue_rows(conn, table, job_id, status, reason)
+                if ids:
+                    moved += len(ids)
+                    metrics.count_reaped(table.name, len(ids))
+                    log.warning(
+                        "requeued stuck rows",
+                        extra={"table": table.name, "rows": len(ids), "job_id": job_id, "reason": reason},
+                    )
+    return moved
