@@ -428,3 +428,54 @@ def test_from_settings(fake_weixin: FakeWeixin, redis_client: redis.Redis) -> No
     assert client.access_token_key.startswith(f"{settings.queue_prefix}:weixin:{fake_weixin.appid}:")
     with pytest.raises(ConfigError, match="WECHAT_APPSECRET"):
         WeixinClient.from_settings(settings.with_overrides(appsecret=None), redis_client)
+
+
+# -- metrics ------------------------------------------------------------------------
+
+
+def _calls(api: str, errcode: str) -> float:
+    from webhook import metrics
+
+    found = metrics.metrics().registry.get_sample_value("wxcoupon_weixin_api_calls_total", {"api": api, "errcode": errcode})
+    return found or 0.0
+
+
+def test_calls_and_token_refreshes_are_counted(fake_weixin: FakeWeixin, weixin_client: WeixinClient) -> None:
+    """Every exchange is counted by API path and errcode; a token refresh by its result."""
+    from webhook import metrics
+
+    registry = metrics.metrics().registry
+    refreshes = registry.get_sample_value("wxcoupon_token_refreshes_total", {"result": "ok"}) or 0.0
+    ok_before, bad_before = _calls("card/code/decrypt", "0"), _calls("card/code/decrypt", "40056")
+    timed_before = registry.get_sample_value("wxcoupon_weixin_api_seconds_count", {"api": "card/code/decrypt"}) or 0.0
+
+    added = fake_weixin.add_card("pCardMetrics", "oUser1")
+    weixin_client.decrypt_code(added["encrypt_code"])
+    with pytest.raises(InvalidCodeError):
+        weixin_client.decrypt_code("bm90IGEgcmVhbCBjb2RlIGF0IGFsbCEhISEhISEhISE=")
+
+    assert _calls("card/code/decrypt", "0") == ok_before + 1
+    assert _calls("card/code/decrypt", "40056") == bad_before + 1
+    assert registry.get_sample_value("wxcoupon_weixin_api_seconds_count", {"api": "card/code/decrypt"}) == timed_before + 2
+    assert registry.get_sample_value("wxcoupon_token_refreshes_total", {"result": "ok"}) == refreshes + 1
+
+
+def test_a_refused_connection_is_counted_as_network(redis_client: redis.Redis) -> None:
+    """No errcode came back: the label says why instead of a made-up number."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    client = WeixinClient(f"http://127.0.0.1:{port}", "wxMetricsApp", "secret", redis_client, timeout=1.0,
+                          retry_attempts=1)  # fmt: skip
+    before = _calls("cgi-bin/stable_token", "network")
+    refresh_errors = _refreshes("error")
+    with pytest.raises(TransientWeixinError):
+        client.get_access_token()
+    assert _calls("cgi-bin/stable_token", "network") == before + 1
+    assert _refreshes("error") == refresh_errors + 1
+
+
+def _refreshes(result: str) -> float:
+    from webhook import metrics
+
+    return metrics.metrics().registry.get_sample_value("wxcoupon_token_refreshes_total", {"result": result}) or 0.0

@@ -22,6 +22,7 @@ from redis import Redis
 from redis.exceptions import LockError
 from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError
 
+from webhook import metrics
 from webhook.config import ConfigError, Settings
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,20 @@ _ERRORS_BY_CODE: dict[int, type[WeixinAPIError]] = {
 def error_for(errcode: int, errmsg: str, path: str = "") -> WeixinAPIError:
     """The typed error for a Weixin errcode (WeixinAPIError when it has no class)."""
     return _ERRORS_BY_CODE.get(errcode, WeixinAPIError)(errcode, errmsg, path)
+
+
+# The metric's errcode label for this client's own codes (no errcode came back).
+_METRIC_ERRCODES = {
+    ERRCODE_NETWORK: "network",
+    ERRCODE_TIMEOUT: "timeout",
+    ERRCODE_HTTP: "http",
+    ERRCODE_BAD_RESPONSE: "bad_response",
+    ERRCODE_LOCK: "lock",
+}
+
+
+def _metric_errcode(errcode: int) -> int | str:
+    return _METRIC_ERRCODES.get(errcode, errcode)
 
 
 def _sent_maybe(exc: requests.ConnectionError) -> bool:
@@ -235,7 +250,14 @@ class WeixinClient:
             value = self._get(key)
             if value is not None and value != failed:
                 return value  # refreshed by another process while we waited
-            value, expires_in = fetch()
+            try:
+                value, expires_in = fetch()
+            except WeixinAPIError:
+                if key == self.access_token_key:
+                    metrics.count_token_refresh("error")
+                raise
+            if key == self.access_token_key:
+                metrics.count_token_refresh("ok")
             ttl = max(1, expires_in - min(TOKEN_EXPIRY_MARGIN, expires_in // 4))
             self._redis.set(key, value, ex=ttl)
             log.info("weixin credential %s refreshed (expires_in=%d)", key.rsplit(":", 1)[-1], expires_in)
@@ -380,6 +402,25 @@ class WeixinClient:
         return cap / 2 + random.uniform(0, cap / 2)
 
     def _request(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None,
+        params: Mapping[str, str] | None,
+        token: str | None,
+        idempotent: bool,
+    ) -> dict[str, Any]:
+        """One HTTP exchange, counted by path and errcode and timed (wxcoupon_weixin_api_*)."""
+        started = time.perf_counter()
+        try:
+            reply = self._exchange(method, path, body, params, token, idempotent)
+        except WeixinAPIError as exc:
+            metrics.observe_weixin_call(path, _metric_errcode(exc.errcode), time.perf_counter() - started)
+            raise
+        metrics.observe_weixin_call(path, 0, time.perf_counter() - started)
+        return reply
+
+    def _exchange(
         self,
         method: str,
         path: str,
