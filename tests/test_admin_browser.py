@@ -24,6 +24,7 @@ from werkzeug.serving import make_server
 
 from webhook import create_app
 from webhook.config import Settings
+from webhook.cardstore import mp_records
 from webhook.store import add_attempts, events, utcnow
 
 from .conftest import REQUIRE_SERVICES
@@ -207,6 +208,13 @@ def admin_site(settings: Settings) -> Iterator[tuple[str, Any]]:
         add_attempts(conn, [{"event_id": 2, "attempt": 1, "job_id": "evt-abc", "worker": "host-01.4242",
                              "started_at": now, "finished_at": now, "outcome": "failed",
                              "error": "ValueError: card not found"}])
+        for i, match in enumerate(["matched", "matched", "unmatched"]):
+            conn.execute(sa.insert(mp_records).values(
+                dedupe_key=f"bench-{i}", kind="receipt", card_id="pCardAdmin", encrypt_code=f"enc{i}",
+                code=f"52000000000{i}", mp_openid=f"oMP_{i}", is_success=True, match=match, status="processed",
+                attempts=1, created_at=now, updated_at=now, checked_at=now if match == "unmatched" else None,
+                last_error="card/code/get: 40056 invalid code" if match == "unmatched" else None,
+            ))  # fmt: skip
     yield from ((url, engine) for url in _serve(app))
     engine.dispose()
 
@@ -255,7 +263,11 @@ def test_operator_logs_in_browses_filters_and_replays_in_chromium(
     assert _status(engine, 3) == "pending"
     assert "No events match." in browser.text()
     browser.click("#nav-reconciliation")
-    assert "No reconciliation report yet." in browser.text()
+    assert browser.text("#count-matched").split() == ["matched", "2"]
+    assert browser.text("#count-unmatched").split() == ["unmatched", "1"]
+    unmatched = browser.text("#unmatched")
+    assert "…0002" in unmatched and "520000000002" not in unmatched and "40056" in unmatched
+    assert "oMP_2" not in browser.text()  # Mini Program openids are not shown
     browser.screenshot(tmp_path / "admin.png")
     assert (tmp_path / "admin.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

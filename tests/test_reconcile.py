@@ -15,7 +15,7 @@ from webhook.config import Settings
 from workers.context import WorkerContext
 from workers.fake_weixin import FakeWeixin
 from workers.jobs import process_events
-from workers.reconcile import report
+from webhook.reports import reconciliation_report as report
 from workers.recovery import schedule_recovery
 
 from .live_fixtures import MP_KEY, mp_post, work  # the `live` and `ctx` fixtures live there too

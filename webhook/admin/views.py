@@ -35,9 +35,9 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from .. import db
 from ..logs import mask_code
+from ..reports import REPORT_COUNTS, reconciliation_report
 from ..store import EventStatus, get_event, list_attempts
 from .queries import PAGE_SIZE, REPLAYABLE, EventFilter, backlog, event_log, revive_events
-from .reports import reconciliation_report
 
 log = logging.getLogger("wxcoupon.admin")
 bp = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates", static_folder="static")
@@ -261,17 +261,11 @@ def replay_many() -> BaseResponse:
 
 @bp.get("/reconciliation")
 def reconciliation() -> str:
-    """The reconciliation report (its summary and unmatched items)."""
+    """The reconciliation report: its counts and the unmatched Mini Program records."""
     with db.get_engine().connect() as conn:
-        report = reconciliation_report(conn)
-    summary: dict[str, Any] = {}
-    tables: dict[str, list[dict[str, Any]]] = {}
-    for key, value in (report or {}).items():
-        if isinstance(value, list):
-            tables[key] = [dict(v) for v in value]
-        else:
-            summary[key] = value
-    return render_template("admin/reconciliation.html", report=report, summary=summary, tables=tables)
+        report = reconciliation_report(conn, unmatched_limit=200)
+    counts = [(name, report[name]) for name in REPORT_COUNTS]
+    return render_template("admin/reconciliation.html", counts=counts, unmatched=report["unmatched_items"])
 
 
 @bp.after_request

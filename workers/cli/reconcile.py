@@ -5,9 +5,9 @@ import json
 
 import click
 
+from webhook.reports import REPORT_COUNTS, reconciliation_report
 from webhook.store import make_engine
 
-from ..reconcile import report as build_report
 from .common import settings_or_exit
 
 
@@ -23,12 +23,12 @@ def report(as_json: bool, limit: int) -> None:
     """Matched, waiting, recovered and unmatched counts, and the unmatched items."""
     engine = make_engine(settings_or_exit())
     with engine.connect() as conn:
-        data = build_report(conn, unmatched_limit=limit)
+        data = reconciliation_report(conn, unmatched_limit=limit)
     engine.dispose()
     if as_json:
         click.echo(json.dumps(data, default=str, ensure_ascii=False))
         return
-    for name in ("matched", "waiting", "recovered", "unmatched", "ignored", "undecoded", "oa_only"):
+    for name in REPORT_COUNTS:
         click.echo(f"{name:<10} {data[name]}")
     for item in data["unmatched_items"]:
         click.echo(
