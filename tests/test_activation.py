@@ -178,6 +178,22 @@ def test_redirect_activation_end_to_end(live: Live, ctx: WorkerContext, pii_log:
     assert_no_pii_logged(pii_log)
 
 
+def test_the_used_ticket_is_dropped_and_a_replay_still_ends_activated(live: Live, ctx: WorkerContext) -> None:
+    """After a success the activate_ticket (a key to the member's form) is gone; a replay needs only card/code/get."""
+    base, _, fake = live
+    card_id = create_card(fake)
+    added, activation_id = plugin_activation(base, fake, card_id, "oOA_replayed", "oMP_replayed")
+    work(ctx)
+    with ctx.engine.begin() as conn:
+        (row,) = load_activations(conn, [activation_id])
+        assert row["activate_ticket"] is None and row["result"] == "activated"
+        conn.execute(sa.update(activations).where(activations.c.id == activation_id).values(status="pending"))
+    work(ctx)
+    got = activation(base, activation_id)
+    assert (got["status"], got["result"], got["membership_number"]) == ("processed", "activated", "WX00000001")
+    assert fake.calls("/card/membercard/activatetempinfo/get") == 1 and fake.calls("/card/membercard/activate") == 1
+
+
 def test_expired_ticket_is_a_stored_failure_the_mini_program_can_read(live: Live, ctx: WorkerContext) -> None:
     """72012: result failed with Weixin's errcode, no activate call, no membership number used up."""
     base, _, fake = live

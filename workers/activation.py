@@ -109,6 +109,8 @@ def card_lock(ctx: WorkerContext, card_id: str, code: str) -> Iterator[None]:
 def _form(ctx: WorkerContext, row: Row) -> tuple[dict[str, Any] | None, TicketExpiredError | None]:
     """The submitted form, or the expiry of its ticket."""
     if row["kind"] == ActivationKind.REDIRECT.value:
+        if not row["activate_ticket"]:
+            return None, None  # used up by an earlier success: card/code/get has the form now
         try:
             reply = ctx.weixin.get_activate_temp_info(str(row["activate_ticket"]))
         except TicketExpiredError as exc:
@@ -167,7 +169,8 @@ def apply_activation(ctx: WorkerContext, conn: Connection, row: Row, got: Activa
         update(activations)
         .where(activations.c.id == row["id"])
         .values(code=got.code, result=ActivationResult.ACTIVATED.value, membership_number=got.membership_number,
-                errcode=None, errmsg=None, updated_at=now)
+                errcode=None, errmsg=None, updated_at=now,
+                activate_ticket=None)  # it reads the member's form: not kept once used
     )  # fmt: skip
     update_card(conn, str(row["card_id"]), got.code, status=CardStatus.ACTIVATED, status_time=int(time.time()),
                 mp_openid=row["mp_openid"], oa_openid=got.oa_openid)
