@@ -37,14 +37,15 @@ def main() -> None:
     """Serve `app` under gunicorn with wxcoupon's own serve settings."""
     from gunicorn.app.base import BaseApplication
 
-    from workers.cli.service import gunicorn_options
+    from workers.cli.service import DEFAULT_WEB_THREADS, gunicorn_options
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=DEFAULT_WEB_THREADS, help="per worker; 1: sync workers")
     args = parser.parse_args()
-    options = gunicorn_options(args.host, args.port, args.workers, access_log=False)
+    options = gunicorn_options(args.host, args.port, args.workers, access_log=False, threads=args.threads)
 
     class BareApplication(BaseApplication):
         def load_config(self) -> None:

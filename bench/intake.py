@@ -5,11 +5,13 @@
                                      [--synchronous FULL|NORMAL|both]
 
 For each configuration it makes a temporary instance folder, runs `wxcoupon db
-upgrade`, starts `wxcoupon serve` (gunicorn, sync workers), warms it up, then
-loads it on loopback with distinct, freshly timestamped, safe-mode encrypted
-`user_get_card` pushes, each sent once. The bare app (bench/bare_app.py) is
-loaded the same way first. It prints events/s, p50/p99 latency, non-2xx
-answers and the ratio to the bare app, then checks in the database that every
+upgrade`, starts `wxcoupon serve` (gunicorn, the workers production runs),
+warms it up, then loads it on loopback with distinct, freshly timestamped,
+safe-mode encrypted `user_get_card` pushes, each sent once. The bare app
+(bench/bare_app.py) is loaded the same way first, under the same gunicorn
+settings (with --web-threads > 1, once more under sync workers, for
+reference). It prints events/s,
+p50/p99 latency, non-2xx answers and the ratio to the bare app, then checks in the database that every
 200 answer is a committed row and nothing else is. Timings are printed, never
 asserted; the exit status is 1 only when the durability check fails.
 See bench/README.md.
@@ -50,6 +52,7 @@ import sqlalchemy as sa  # noqa: E402
 from webhook.config import decode_aes_key, load_settings  # noqa: E402
 from webhook.envelope import seal_push  # noqa: E402
 from webhook.events import sample_fields  # noqa: E402
+from workers.cli.service import DEFAULT_WEB_THREADS  # noqa: E402
 
 import loadgen  # noqa: E402  (bench/loadgen.py)
 
@@ -387,18 +390,20 @@ class Bench:
 
     # -- servers
 
-    def run_bare(self) -> RunReport:
-        """The baseline: bench/bare_app.py under the same gunicorn settings."""
+    def run_bare(self, threads: int) -> RunReport:
+        """The baseline: bench/bare_app.py under wxcoupon's gunicorn settings, with `threads` per worker."""
         port = free_port()
-        workdir = self.tmp_root / "bare"
+        label = "bare Flask app" if threads == self.args.web_threads else f"bare Flask app, {describe_workers(1)}"
+        workdir = self.tmp_root / f"bare-{threads}"
         workdir.mkdir()
         argv = [sys.executable, str(BENCH / "bare_app.py"), "--host", "127.0.0.1", "--port", str(port),
-                "--workers", str(self.args.workers)]  # fmt: skip
+                "--workers", str(self.args.workers), "--threads", str(threads)]  # fmt: skip
         server = Server("bare app", argv, clean_env(), workdir, workdir / "server.log", port)
-        print(f"\n== bare Flask app (bench/bare_app.py), {self.args.workers} gunicorn sync workers", flush=True)
+        print(f"\n== bare Flask app (bench/bare_app.py), {self.args.workers} gunicorn {describe_workers(threads)}",
+              flush=True)  # fmt: skip
         server.start()
         try:
-            return self.measure(server, "bare Flask app", wrap=True)
+            return self.measure(server, label, wrap=True)
         finally:
             server.stop()
 
@@ -433,7 +438,7 @@ class Bench:
             print(f"  wxcoupon db upgrade: {upgrade.stdout.strip()}", flush=True)
             port = free_port()
             argv = [sys.executable, "-m", "workers", "serve", "--host", "127.0.0.1", "--port", str(port),
-                    "--workers", str(self.args.workers)]  # fmt: skip
+                    "--workers", str(self.args.workers), "--threads", str(self.args.web_threads)]  # fmt: skip
             server = Server(config.label, argv, env, workdir, workdir / "server.log", port)
             server.start()
             try:
@@ -566,18 +571,24 @@ def _cost(rep: RunReport) -> float | None:
     return rep.cpu_ms_per_request + (rep.client_cpu_ms_per_request or 0.0) + (rep.db_cpu_ms_per_request or 0.0)
 
 
-def print_summary(bare: RunReport | None, reports: list[RunReport], args: argparse.Namespace) -> None:
+def describe_workers(threads: int) -> str:
+    """gunicorn's worker kind for `threads` per worker, as `wxcoupon serve` picks it."""
+    return f"gthread workers x {threads} threads" if threads > 1 else "sync workers"
+
+
+def print_summary(bare: RunReport | None, reports: list[RunReport], args: argparse.Namespace,
+                  bare_sync: RunReport | None = None) -> None:  # fmt: skip
     """The table at the end, and the durability verdicts."""
     print("\n" + "=" * 120)
     mode = f"{args.requests} requests" if args.requests else f"{args.duration:g}s"
-    print(f"SUMMARY: {args.connections} connections, {args.workers} gunicorn sync workers, {mode} per server "
-          f"after {args.warmup:g}s warm-up, loopback, {os.cpu_count()} CPUs")  # fmt: skip
+    print(f"SUMMARY: {args.connections} connections, {args.workers} gunicorn {describe_workers(args.web_threads)} "
+          f"(both apps), {mode} per server after {args.warmup:g}s warm-up, loopback, {os.cpu_count()} CPUs")  # fmt: skip
     header = (f"{'server':<24} {'req/s':>8} {'events/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>8} "
               f"{'ratio':>6} {'CPU ms/req':>10} {'CPU ratio':>9} {'other%':>6} {'rows=200s':>10} "
               f"{'target':>8}")  # fmt: skip
     print(header)
     print("-" * len(header))
-    for rep in ([bare] if bare else []) + reports:
+    for rep in ([bare] if bare else []) + ([bare_sync] if bare_sync else []) + reports:
         r = rep.result
         p99 = r.latency_ms.get("99")
         cpu_ratio = "-"
@@ -585,6 +596,9 @@ def print_summary(bare: RunReport | None, reports: list[RunReport], args: argpar
             cpu_ratio = f"{_cost(bare) / _cost(rep):.2f}"  # type: ignore[operator]
         if rep is bare:
             ratio, durable, target = "1.00", "n/a", ""
+        elif rep is bare_sync:
+            ratio = f"{r.events_per_s / bare.result.events_per_s:.2f}" if bare and bare.result.events_per_s else "-"
+            durable, target = "n/a", "(ref.)"
         else:
             ratio = f"{rep.ratio:.2f}" if rep.ratio is not None else "-"
             durable = "yes" if rep.durable_ok else "NO"
@@ -600,6 +614,11 @@ def print_summary(bare: RunReport | None, reports: list[RunReport], args: argpar
           "processes other than the server, its PostgreSQL backends and the load generator.")
     print(f"target (issue 2): events/s >= {TARGET_RATIO} x bare req/s with durability on, and p99 < "
           f"{TARGET_P99_MS:g} ms at {args.connections} connections")  # fmt: skip
+    if bare_sync is not None and bare_sync.result.events_per_s:
+        against = ", ".join(f"{rep.label} {rep.result.events_per_s / bare_sync.result.events_per_s:.2f}"
+                            for rep in reports)  # fmt: skip
+        print(f"for transparency, the bare app under {args.workers} {describe_workers(1)} too (same run): "
+              f"{bare_sync.result.events_per_s:.0f} req/s; wxcoupon events/s over that: {against or '-'}")  # fmt: skip
     for rep in reports:
         acked = rep.acked()
         verdict = "OK" if rep.durable_ok else "FAILED"
@@ -646,7 +665,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=None, help="measured seconds per server (default 15)")
     p.add_argument("--warmup", type=float, default=3.0, help="warm-up seconds before each measured run (default 3)")
     p.add_argument("--connections", type=int, default=32, help="concurrent connections (default 32)")
-    p.add_argument("--workers", type=int, default=2, help="gunicorn sync workers for both apps (default 2)")
+    p.add_argument("--workers", type=int, default=2, help="gunicorn workers for both apps (default 2)")
+    p.add_argument("--web-threads", type=int, default=DEFAULT_WEB_THREADS,
+                   help=f"threads per gunicorn worker for both apps, 1 for sync workers (default {DEFAULT_WEB_THREADS}, "
+                        "as `wxcoupon serve`)")  # fmt: skip
     p.add_argument("--database", default="sqlite", help="sqlite, postgres, or both comma-separated (default sqlite)")
     p.add_argument("--synchronous", default="FULL", type=str.upper, choices=["FULL", "NORMAL", "BOTH"],
                    help="SQLite PRAGMA synchronous: FULL (default), NORMAL, or both")  # fmt: skip
@@ -718,10 +740,13 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in environment_facts(args, loader_note, pg).items():
         print(f"  {key}: {value}")
     bare: RunReport | None = None
+    bare_sync: RunReport | None = None
     reports: list[RunReport] = []
     try:
         if not args.no_bare:
-            bare = bench.run_bare()
+            bare = bench.run_bare(args.web_threads)
+            if args.web_threads > 1:
+                bare_sync = bench.run_bare(1)  # the baseline before threads, for comparison
         for config in configs:
             reports.append(bench.run_wxcoupon(config, bare))
     finally:
@@ -731,11 +756,11 @@ def main(argv: list[str] | None = None) -> int:
             import shutil
 
             shutil.rmtree(bench.tmp_root, ignore_errors=True)
-    print_summary(bare, reports, args)
+    print_summary(bare, reports, args, bare_sync)
     if args.json:
         data = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                 "runs": [dict(asdict(r), events_per_s=r.result.events_per_s, rps=r.result.rps)
-                         for r in ([bare] if bare else []) + reports]}  # fmt: skip
+                         for r in ([bare] if bare else []) + ([bare_sync] if bare_sync else []) + reports]}  # fmt: skip
         args.json.write_text(json.dumps(data, indent=2, default=str))
         print(f"results written to {args.json}")
     return 0 if all(r.durable_ok for r in reports) else 1

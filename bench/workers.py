@@ -530,6 +530,8 @@ def run_wxcoupon(database: str, args: argparse.Namespace, account: Account, root
             "'database is locked' errors": logs.count("sqlite3.OperationalError: database is locked"),
             "rows requeued by the reaper": sum(int(m) for m in re.findall(r"requeued stuck rows.*?rows=(\d+)", logs)),
             "dispatcher passes": logs.count("wxcoupon.dispatch: dispatched"),
+            "transactions tried again": logs.count("database refused the transaction; trying again"),
+            "set-based applies redone row by row": logs.count("set-based apply failed; applying row by row"),
         }
         phase = Phase(
             label=label, items=total, wall_s=wall, per_s=total / wall, worker_cpu_ms=(cpu1 - cpu0) * 1000 / total,

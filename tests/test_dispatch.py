@@ -202,3 +202,63 @@ def test_transient_failures_retry_through_rq_then_die_and_permanent_ones_fail_on
         assert (status, attempts) == ("failed", 1) and "40053" in error
         assert _attempt_outcomes(ctx, 1) == ["failed"]
         assert len(calls) == 1  # RQ's retries of the job did not touch the failed event again
+
+
+def test_dispatch_takes_jobs_in_turn_and_stops_at_max_jobs(
+    client: Any, settings: Settings, worker_ctx: WorkerContext
+) -> None:
+    """With a cap on jobs, each outbox gets its turn and the rest of the backlog stays pending."""
+    from webhook.cardstore import mp_records
+
+    push_n(client, settings, 6)
+    now = utcnow()
+    with worker_ctx.engine.begin() as conn:
+        for i in range(2):
+            conn.execute(sa.insert(mp_records).values(
+                dedupe_key=f"k{i}", kind="receipt", card_id="pCard", encrypt_code=f"e{i}", mp_openid="oMP",
+                is_success=True, status="pending", attempts=0, created_at=now, updated_at=now,
+            ))  # fmt: skip
+    ctx = WorkerContext(settings=settings.with_overrides(job_batch=2), engine=worker_ctx.engine, redis=worker_ctx.redis)
+    assert dispatch_once(ctx, max_jobs=2) == 4  # one job of events, one of records
+    with ctx.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(mp_records).where(mp_records.c.status == "queued")).scalar_one() == 2
+    assert statuses(ctx) == ["queued"] * 2 + ["pending"] * 4
+    assert dispatch_once(ctx, max_jobs=0) == 0
+
+
+def test_queue_room_keeps_a_few_jobs_per_worker(settings: Settings, worker_ctx: WorkerContext) -> None:
+    """The dispatcher fills the events queue up to its target depth, no further."""
+    from workers.dispatch import MIN_QUEUED_JOBS, queue_room
+
+    assert queue_room(worker_ctx) == MIN_QUEUED_JOBS
+    queue = Queue(worker_ctx.queue_name(EVENTS_QUEUE), connection=worker_ctx.redis)
+    for i in range(3):
+        queue.enqueue("workers.jobs.process_events", [i])
+    assert queue_room(worker_ctx) == MIN_QUEUED_JOBS - 3
+
+
+def test_dispatcher_warns_once_while_the_schema_is_missing(
+    tmp_path: Any, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before `wxcoupon db upgrade`: one clear warning, not a traceback every pass."""
+    import logging
+    import time
+
+    from tests.conftest import make_settings
+    from webhook.store import make_engine
+    from workers.dispatch import Dispatcher
+
+    s = make_settings(tmp_path, f"sqlite:///{tmp_path / 'empty.sqlite3'}", redis_url, dispatch_interval=0.01)
+    ctx = WorkerContext(settings=s, engine=make_engine(s), redis=redis.Redis.from_url(redis_url))
+    caplog.set_level(logging.WARNING, logger="wxcoupon.dispatch")
+    thread = Dispatcher(ctx)
+    thread.start()
+    time.sleep(0.5)
+    thread.stop()
+    thread.join(5)
+    ctx.engine.dispose()
+    records = [r for r in caplog.records if r.name == "wxcoupon.dispatch"]
+    assert [r.getMessage() for r in records] == [
+        "the database has no schema yet: run `wxcoupon db upgrade`; nothing is dispatched until then"
+    ]
+    assert not any(r.exc_info for r in records)

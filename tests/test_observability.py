@@ -169,13 +169,17 @@ def test_counters_are_exact_across_gunicorn_workers_and_rq_workers(
         assert sample(text, "wxcoupon_push_ack_seconds_count") == 24
         assert sample(text, "wxcoupon_job_duration_seconds_count", job="process_events", outcome="finished") == 1
         assert sample(text, "wxcoupon_events_unfinished", status="pending") == 0
-    # JSON logs: one object per line, request id on each request line, no query string.
+    # JSON logs: one object per line, and exactly one line per push (its outcome is its access line): request
+    # id, method, path (no query string), status and time on each.
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
-    requests_logged = [entry for entry in lines if entry.get("msg") == "request" and entry.get("path") == "/wechat"]
+    requests_logged = [entry for entry in lines if entry.get("path") == "/wechat"]
     assert len(requests_logged) == 29
-    assert {e["request_id"] for e in requests_logged} >= {f"req-test-{i:04d}" for i in range(24)}
-    stored = [entry for entry in lines if entry.get("msg") == "push stored"]
-    assert len(stored) == 24 and all(re.fullmatch(r"req-test-\d{4}", e["request_id"]) for e in stored)
+    assert all({"request_id", "method", "status", "ms"} <= set(e) for e in requests_logged)
+    stored = [entry for entry in requests_logged if entry.get("msg") == "push stored"]
+    assert len(stored) == 24 and {e["request_id"] for e in stored} == {f"req-test-{i:04d}" for i in range(24)}
+    assert all(e["status"] == 200 and e["event"] == "user_get_card" for e in stored)
+    rejected = [entry for entry in requests_logged if entry.get("msg") == "push rejected"]
+    assert len(rejected) == 5 and all(e["status"] == 403 for e in rejected)
     assert "msg_signature" not in log.read_text()
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Column, DateTime, Index, Integer, String, Table, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Boolean, Column, DateTime, Index, String, Table, Text, UniqueConstraint
 
-from .store import IdType, metadata
+from .store import IdType, metadata, work_columns
 
 
 class CardStatus(str, enum.Enum):
@@ -94,20 +94,14 @@ mp_records = Table(
     Column("unionid", Text),
     Column("is_success", Boolean, nullable=False),
     Column("match", String(16)),
-    # The same work columns as events, so the same outbox moves both.
-    Column("status", String(16), nullable=False),
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("job_id", String(64)),
-    Column("last_error", Text),
+    *work_columns(),  # the same outbox moves records and events
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("decoded_at", DateTime(timezone=True)),
     Column("checked_at", DateTime(timezone=True)),
-    Index(None, "status", "id"),
     Index(None, "card_id", "code"),
     Index(None, "match", "decoded_at"),
     Index(None, "mp_openid"),
-    Index(None, "job_id"),
 )
 
 

@@ -8,25 +8,35 @@ from flask import Flask, current_app
 from sqlalchemy import Engine
 
 from .config import Settings
+from .intake import EventWriter, sqlite_write_lock
 from .redisconn import connect_redis
 from .store import make_engine
 from .weixin_api import WeixinClient
 
 EXTENSION = "wxcoupon.engine"
+WRITER_EXTENSION = "wxcoupon.writer"
 REDIS_EXTENSION = "wxcoupon.redis"
 WEIXIN_EXTENSION = "wxcoupon.weixin"
 _lock = threading.Lock()
 
 
 def init_app(app: Flask, settings: Settings) -> None:
-    """Attach an engine (no connection is made until the first request)."""
-    app.extensions[EXTENSION] = make_engine(settings)
+    """Attach an engine and the push path's writer (no connection is made until the first request)."""
+    engine = make_engine(settings)
+    app.extensions[EXTENSION] = engine
+    app.extensions[WRITER_EXTENSION] = EventWriter(engine, sqlite_write_lock(engine))
 
 
 def get_engine() -> Engine:
     """The current app's engine."""
     engine: Engine = current_app.extensions[EXTENSION]
     return engine
+
+
+def get_writer() -> EventWriter:
+    """The current app's event writer (the push path's inserts)."""
+    writer: EventWriter = current_app.extensions[WRITER_EXTENSION]
+    return writer
 
 
 def get_settings() -> Settings:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Flask, Response, g, request
+from flask import Flask, request
 
 from .config import Settings
 
@@ -79,6 +79,8 @@ def redact_value(key: str, value: Any) -> Any:
 
 def redact_text(text: str) -> str:
     """Free text with `name=value` secrets (in URLs, messages) replaced."""
+    if "=" not in text:  # most lines: no need to run the pattern over them
+        return text
     return _SECRET_IN_TEXT.sub(lambda m: f"{m.group(1)}=[redacted]", text)
 
 
@@ -120,13 +122,31 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
     }
 
 
+class _SecondCache:
+    """The formatted second of a timestamp, formatted once per second rather than once per line."""
+
+    def __init__(self, fmt: str, convert: Any) -> None:
+        self.fmt, self.convert = fmt, convert
+        self.second, self.text = -1, ""
+
+    def __call__(self, created: float) -> str:
+        second = int(created)
+        if second != self.second:  # a race here only formats the same second twice
+            self.text, self.second = time.strftime(self.fmt, self.convert(second)), second
+        return self.text
+
+
 class JSONFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message and extra fields."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._second = _SecondCache("%Y-%m-%dT%H:%M:%S", time.gmtime)
 
     def format(self, record: logging.LogRecord) -> str:
         """Render the record as a JSON line."""
         data: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": f"{self._second(record.created)}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": redact_text(record.getMessage()),
@@ -142,6 +162,13 @@ class TextFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        self._second = _SecondCache(self.default_time_format, time.localtime)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 (logging's name)
+        """logging's default time format, with the second formatted once per second."""
+        if datefmt:
+            return super().formatTime(record, datefmt)
+        return f"{self._second(record.created)},{int(record.msecs):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
         """Render the record with its extra fields."""
@@ -176,39 +203,91 @@ def configure_logging(log_format: str = "text", level: int = logging.INFO) -> No
 # Probes and scrapes are frequent and uninteresting when they succeed.
 _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 request_log = logging.getLogger("wxcoupon.request")
+_STATE_KEY = "wxcoupon.request_log"
 
 
-def _start_request() -> None:
-    incoming = request.headers.get("X-Request-Id", "")
-    g.request_id = incoming if _REQUEST_ID_RE.match(incoming) else secrets.token_hex(8)
-    g.request_started = time.perf_counter()
-    g.log_token = _context.set({**_context.get(), "request_id": g.request_id})
+class _RequestState:
+    """What the middleware keeps about one request, in its WSGI environ."""
+
+    __slots__ = ("request_id", "started", "status", "logged")
+
+    def __init__(self, request_id: str, started: float) -> None:
+        self.request_id = request_id
+        self.started = started
+        self.status = 0
+        self.logged = False  # the request wrote its own line: no separate access line
 
 
-def _finish_request(response: Response) -> Response:
-    request_id = g.get("request_id")
-    if request_id:
-        response.headers["X-Request-Id"] = request_id
-        elapsed = time.perf_counter() - g.get("request_started", time.perf_counter())
-        level = logging.DEBUG if request.path in _QUIET_PATHS and response.status_code < 400 else logging.INFO
-        # The path only: Weixin's query string carries signatures and openids.
-        request_log.log(level, "request", extra={
-            "method": request.method, "path": request.path, "status": response.status_code,
-            "ms": round(elapsed * 1000, 1),
-        })  # fmt: skip
-    return response
+class RequestLogMiddleware:
+    """WSGI middleware: a request id on every request's log lines and answer, and one line per request.
 
+    The id is nginx's X-Request-Id when it is well-formed, else a new one. A
+    request that logs its own outcome with `log_request` (a push) has that as
+    its only line; any other gets an access line. A WSGI wrapper rather than
+    Flask hooks: the three hooks cost more than the rest of Flask's dispatch.
+    """
 
-def _end_context(_exc: BaseException | None) -> None:
-    token = g.pop("log_token", None)
-    if token is not None:
-        with contextlib.suppress(ValueError):  # a token from another context: nothing to undo here
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        """Serve one request with its id bound."""
+        incoming = environ.get("HTTP_X_REQUEST_ID", "")
+        request_id = incoming if incoming and _REQUEST_ID_RE.match(incoming) else secrets.token_hex(8)
+        state = environ[_STATE_KEY] = _RequestState(request_id, time.perf_counter())
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            state.status = int(status[:3])
+            headers.append(("X-Request-Id", request_id))
+            return start_response(status, headers, exc_info)
+
+        token = _context.set({**_context.get(), "request_id": request_id})
+        try:
+            result = self.app(environ, start)
+            if not state.logged:
+                _access_line(environ, state)
+        finally:
             _context.reset(token)
+        return result
+
+
+def _path(environ: dict[str, Any]) -> str:
+    # The path only: Weixin's query string carries signatures and openids.
+    raw: str = environ.get("PATH_INFO", "")
+    return raw.encode("latin-1", "replace").decode("utf-8", "replace") or "/"
+
+
+def _access_line(environ: dict[str, Any], state: _RequestState) -> None:
+    path = _path(environ)
+    level = logging.DEBUG if path in _QUIET_PATHS and state.status < 400 else logging.INFO
+    if request_log.isEnabledFor(level):
+        request_log.log(level, "request", extra={
+            "method": environ.get("REQUEST_METHOD"), "path": path, "status": state.status,
+            "ms": round((time.perf_counter() - state.started) * 1000, 1),
+        })  # fmt: skip
+
+
+def request_elapsed() -> float:
+    """Seconds since the current request began (0 outside the middleware)."""
+    state: _RequestState | None = request.environ.get(_STATE_KEY)
+    return time.perf_counter() - state.started if state is not None else 0.0
+
+
+def log_request(logger: logging.Logger, level: int, message: str, status: int, **fields: Any) -> None:
+    """Write the current request's one line: `message` and `fields` plus method, path, status and ms.
+
+    The access line of the request is then left out, so a push costs one line.
+    """
+    environ = request.environ
+    state: _RequestState | None = environ.get(_STATE_KEY)
+    fields.update(method=environ.get("REQUEST_METHOD"), path=_path(environ), status=status)
+    if state is not None:
+        fields["ms"] = round((time.perf_counter() - state.started) * 1000, 1)
+        state.logged = True
+    logger.log(level, message, extra=fields)
 
 
 def init_app(app: Flask, settings: Settings) -> None:
     """Configure logging for the web process and stamp a request id on each request."""
     configure_logging(settings.log_format)
-    app.before_request(_start_request)
-    app.after_request(_finish_request)
-    app.teardown_request(_end_context)
+    app.wsgi_app = RequestLogMiddleware(app.wsgi_app)  # type: ignore[method-assign]

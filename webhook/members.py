@@ -19,7 +19,7 @@ from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, String, Tab
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from .store import IdType, metadata
+from .store import IdType, metadata, work_columns
 
 MAX_MEMBERSHIP_NUMBER = 20  # Weixin: membership_number string(20)
 MAX_CODE = 20  # Weixin: code string(20)
@@ -105,16 +105,10 @@ activations = Table(
     Column("errcode", Integer),
     Column("errmsg", Text),
     Column("membership_number", Text),
-    # The same work columns as events, so the same outbox moves them.
-    Column("status", String(16), nullable=False),
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("job_id", String(64)),
-    Column("last_error", Text),
+    *work_columns(),  # the same outbox moves requests and events
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
-    Index(None, "status", "id"),
     Index(None, "card_id", "code"),
-    Index(None, "job_id"),
 )
 
 membership_numbers = Table(

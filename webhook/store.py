@@ -4,6 +4,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import enum
+import fcntl
+import os
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -26,7 +29,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Dialect
 
 from .config import Settings
 
@@ -58,6 +61,24 @@ metadata = MetaData(
     }
 )
 
+
+def work_columns() -> list[Any]:
+    """The work columns and their indexes, for a table the outbox moves.
+
+    The outbox statements below (claim_pending, mark_queued, start_processing,
+    ...) work on any table with these columns and an `id` and `updated_at`:
+    the events, the Mini Program records and the activation requests share them.
+    """
+    return [
+        Column("status", String(16), nullable=False),
+        Column("attempts", Integer, nullable=False, default=0),
+        Column("job_id", String(64)),
+        Column("last_error", Text),
+        Index(None, "status", "id"),
+        Index(None, "job_id"),
+    ]
+
+
 # Values that come from Weixin are Text: a length limit here would turn an
 # unexpectedly long field into a failed insert, a 5xx and, after three tries, a
 # lost event.
@@ -79,16 +100,11 @@ events = Table(
     Column("mode", String(8), nullable=False),
     Column("raw_xml", Text, nullable=False),
     Column("fields", JSON, nullable=False),
-    Column("status", String(16), nullable=False),
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("job_id", String(64)),
-    Column("last_error", Text),
+    *work_columns(),
     Column("received_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
-    Index(None, "status", "id"),
     Index(None, "card_id", "code"),
     Index(None, "received_at"),
-    Index(None, "job_id"),
 )
 
 
@@ -165,14 +181,30 @@ def writing(engine: Engine) -> Iterator[Connection]:
             yield conn
 
 
-def _insert_for(conn: Connection) -> Any:
+def _insert_for(conn: Connection | Dialect) -> Any:
     """The dialect's INSERT that supports ON CONFLICT DO NOTHING."""
-    name = conn.dialect.name
+    name = conn.dialect.name if isinstance(conn, Connection) else conn.name
     if name == "postgresql":
         return postgresql.insert(events)
     if name == "sqlite":
         return sqlite.insert(events)
     raise RuntimeError(f"unsupported database dialect {name!r}")
+
+
+# The columns a new event row gives (webhook.intake.event_row); the others
+# (id, job_id, last_error) start NULL or are generated.
+EVENT_ROW_KEYS = (
+    "dedupe_key", "msg_type", "event", "to_user", "openid", "card_id", "code", "old_code", "outer_str", "unionid",
+    "create_time", "mode", "raw_xml", "fields", "status", "attempts", "received_at", "updated_at",
+)  # fmt: skip
+
+
+def _event_insert(dialect: Dialect) -> Any:
+    """INSERT ... ON CONFLICT (dedupe_key) DO NOTHING RETURNING id, for bound row values."""
+    return _insert_for(dialect).on_conflict_do_nothing(index_elements=["dedupe_key"]).returning(events.c.id)
+
+
+_EVENT_INSERTS: dict[str, Any] = {}
 
 
 def insert_event(conn: Connection, row: dict[str, Any]) -> int | None:
@@ -181,10 +213,51 @@ def insert_event(conn: Connection, row: dict[str, Any]) -> int | None:
     The unique constraint decides, so two copies of a push arriving at the same
     moment on two processes still make one row.
     """
-    stmt = _insert_for(conn).values(**row).on_conflict_do_nothing(index_elements=["dedupe_key"])
-    result = conn.execute(stmt.returning(events.c.id))
-    found = result.scalar_one_or_none()
+    # Built once per dialect: building `insert().values(**row)` per call costs
+    # more than the insert itself (SQLAlchemy then compiles it from its cache).
+    stmt = _EVENT_INSERTS.get(conn.dialect.name)
+    if stmt is None:
+        stmt = _EVENT_INSERTS[conn.dialect.name] = _event_insert(conn.dialect)
+    found = conn.execute(stmt, row).scalar_one_or_none()
     return int(found) if found is not None else None
+
+
+class PreparedEventInsert:
+    """The event INSERT compiled once for a dialect, run on the driver's own cursor.
+
+    The request path inserts one row per push; through SQLAlchemy's execution
+    machinery that costs several times the driver call itself. The values are
+    converted by the columns' own bind processors for the dialect, so a row is
+    stored exactly as `insert_event` would store it.
+    """
+
+    def __init__(self, dialect: Dialect) -> None:
+        compiled = _event_insert(dialect).compile(dialect=dialect, column_keys=list(EVENT_ROW_KEYS))
+        self.sql = str(compiled)
+        # qmark/numeric drivers (sqlite3) take a sequence in this order; named ones (psycopg) a dict.
+        self.order: tuple[str, ...] | None = tuple(compiled.positiontup) if compiled.positiontup else None
+        binds = []
+        for column in events.columns:
+            if column.name in EVENT_ROW_KEYS:
+                process = column.type.dialect_impl(dialect).bind_processor(dialect)
+                if process is not None:
+                    binds.append((column.name, process))
+        self.binds: tuple[tuple[str, Any], ...] = tuple(binds)
+
+    def parameters(self, row: dict[str, Any]) -> Any:
+        """The driver parameters for one event row (a dict with every key of EVENT_ROW_KEYS)."""
+        values = dict(row)
+        for name, process in self.binds:
+            values[name] = process(values[name])
+        if self.order is None:
+            return values
+        return [values[name] for name in self.order]
+
+    def execute(self, cursor: Any, row: dict[str, Any]) -> int | None:
+        """Insert one row inside the cursor's transaction; its id, or None when the dedupe key exists."""
+        cursor.execute(self.sql, self.parameters(row))
+        found = cursor.fetchall()  # to the end: sqlite3 leaves a half-read statement open
+        return int(found[0][0]) if found else None
 
 
 # The outbox statements below work on any table with the work columns of
@@ -207,13 +280,16 @@ def mark_queued(conn: Connection, ids: Sequence[int], job_id: str, table: Table 
     """Move pending rows to queued under `job_id`; return the ids this call won."""
     if not ids:
         return []
-    conn.execute(
+    stmt = (
         update(table)
         .where(table.c.id.in_(ids), table.c.status == EventStatus.PENDING.value)
         .values(status=EventStatus.QUEUED.value, job_id=job_id, updated_at=utcnow())
     )
-    won = select(table.c.id).where(table.c.job_id == job_id, table.c.status == EventStatus.QUEUED.value)
-    return sorted(int(i) for i in conn.execute(won).scalars())
+    if conn.dialect.update_returning:
+        return sorted(int(i) for i in conn.execute(stmt.returning(table.c.id)).scalars())
+    conn.execute(stmt)
+    # Job ids are fresh: every row under this one was moved just now (the job_id index finds them).
+    return sorted(int(i) for i in conn.execute(select(table.c.id).where(table.c.job_id == job_id)).scalars())
 
 
 def release_jobs(conn: Connection, job_ids: Iterable[str], table: Table = events) -> int:
@@ -311,25 +387,29 @@ def start_processing(conn: Connection, ids: Sequence[int], job_id: str | None, t
     return sorted(int(i) for i in conn.execute(moved).scalars())
 
 
-def finish_processing(conn: Connection, ids: Sequence[int], table: Table = events) -> int:
-    """Mark rows processed (from processing); return how many moved."""
+def finish_processing(conn: Connection, ids: Sequence[int], table: Table = events, job_id: str | None = None) -> int:
+    """Mark rows processed (from processing); return how many moved.
+
+    With `job_id`, only rows that job holds move: a stale run of a job cannot
+    finish a row another job took since.
+    """
     if not ids:
         return 0
-    result = conn.execute(
-        update(table)
-        .where(table.c.id.in_(ids), table.c.status == EventStatus.PROCESSING.value)
-        .values(status=EventStatus.PROCESSED.value, last_error=None, updated_at=utcnow())
-    )
+    stmt = update(table).where(table.c.id.in_(ids), table.c.status == EventStatus.PROCESSING.value)
+    if job_id is not None:
+        stmt = stmt.where(table.c.job_id == job_id)
+    result = conn.execute(stmt.values(status=EventStatus.PROCESSED.value, last_error=None, updated_at=utcnow()))
     return int(result.rowcount or 0)
 
 
-def fail_processing(conn: Connection, row_id: int, error: str, status: EventStatus, table: Table = events) -> bool:
-    """Move one processing row to failed, dead, or back to queued for an RQ retry."""
-    result = conn.execute(
-        update(table)
-        .where(table.c.id == row_id, table.c.status == EventStatus.PROCESSING.value)
-        .values(status=status.value, last_error=error[:1000], updated_at=utcnow())
-    )
+def fail_processing(
+    conn: Connection, row_id: int, error: str, status: EventStatus, table: Table = events, job_id: str | None = None
+) -> bool:
+    """Move one processing row to failed, dead, or back to queued for an RQ retry (only `job_id`'s, if given)."""
+    stmt = update(table).where(table.c.id == row_id, table.c.status == EventStatus.PROCESSING.value)
+    if job_id is not None:
+        stmt = stmt.where(table.c.job_id == job_id)
+    result = conn.execute(stmt.values(status=status.value, last_error=error[:1000], updated_at=utcnow()))
     return bool(result.rowcount)
 
 
@@ -337,6 +417,103 @@ def add_attempts(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     """Record attempts (event_id, attempt, job_id, worker, started_at, finished_at, outcome, error)."""
     if rows:
         conn.execute(event_attempts.insert(), list(rows))
+
+
+def start_rows(conn: Connection, ids: Sequence[int], job_id: str | None, table: Table = events) -> list[dict[str, Any]] | None:
+    """`start_processing` that returns the rows it moved, in id order, in one statement.
+
+    None when the database cannot return rows from an UPDATE (SQLite before
+    3.35): then call `start_processing` and load the rows.
+    """
+    if not conn.dialect.update_returning:
+        return None
+    if not ids:
+        return []
+    stmt = update(table).where(table.c.id.in_(ids))
+    if job_id is not None:
+        stmt = stmt.where(table.c.status == EventStatus.QUEUED.value, table.c.job_id == job_id)
+    else:
+        startable = [EventStatus.QUEUED.value, EventStatus.PENDING.value, EventStatus.FAILED.value]
+        stmt = stmt.where(table.c.status.in_(startable))
+    stmt = stmt.values(
+        status=EventStatus.PROCESSING.value, attempts=table.c.attempts + 1, job_id=job_id, updated_at=utcnow()
+    ).returning(*table.c)
+    rows = [dict(r) for r in conn.execute(stmt).mappings()]
+    rows.sort(key=lambda r: int(r["id"]))
+    return rows
+
+
+@contextlib.contextmanager
+def worker_writing(engine: Engine) -> Iterator[Connection]:
+    """`writing` for the workers' transactions: on a SQLite file they first queue on a file lock.
+
+    SQLite's busy handler polls with sleeps that grow to 100 ms, so a waiting
+    writer can lose the write lock to busier ones again and again (a job
+    waited most of a second behind a dispatcher and another worker). Workers
+    of this host queue on a lock file instead, which the kernel hands over the
+    moment it is released; intake does not take it and meets at most one
+    worker transaction at a time. It is a POSIX record lock, which a forked
+    child (RQ's scheduler) does not inherit, held by one thread per process.
+    """
+    path = _sqlite_file(engine)
+    if path is None:
+        with writing(engine) as conn:
+            yield conn
+        return
+    with _thread_lock(path):
+        fd = os.open(path + ".workers.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            with writing(engine) as conn:
+                yield conn
+        finally:
+            os.close(fd)  # releases the lock
+
+
+_THREAD_LOCKS: dict[str, threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+def _thread_lock(path: str) -> threading.Lock:
+    with _THREAD_LOCKS_GUARD:
+        return _THREAD_LOCKS.setdefault(path, threading.Lock())
+
+
+def _sqlite_file(engine: Engine) -> str | None:
+    if engine.dialect.name != "sqlite":
+        return None
+    database = engine.url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return os.path.abspath(database)
+
+
+def abandon_processing(
+    conn: Connection, ids: Sequence[int], job_id: str | None, error: str, status: EventStatus, table: Table = events
+) -> list[tuple[int, int]]:
+    """Move rows this job still holds in processing to `status`; return (id, attempts) of those moved.
+
+    For a batch whose write phase could not commit: its rows go back to queued
+    for RQ's retry of the job (or dead) at once, instead of waiting for the reaper.
+    """
+    if not ids:
+        return []
+    stmt = update(table).where(table.c.id.in_(ids), table.c.status == EventStatus.PROCESSING.value)
+    if job_id is not None:
+        stmt = stmt.where(table.c.job_id == job_id)
+    else:
+        stmt = stmt.where(table.c.job_id.is_(None))
+    stmt = stmt.values(status=status.value, last_error=error[:1000], updated_at=utcnow())
+    if conn.dialect.update_returning:
+        moved = conn.execute(stmt.returning(table.c.id, table.c.attempts)).all()
+    else:
+        candidates = select(table.c.id, table.c.attempts).where(
+            table.c.id.in_(ids), table.c.status == EventStatus.PROCESSING.value,
+            table.c.job_id == job_id if job_id is not None else table.c.job_id.is_(None),
+        )  # fmt: skip
+        moved = conn.execute(candidates).all()
+        conn.execute(stmt)
+    return sorted((int(i), int(a)) for i, a in moved)
 
 
 def list_attempts(conn: Connection, event_id: int) -> list[dict[str, Any]]:

@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import logging
-import time
 
-from flask import Blueprint, Flask, Response, g, request
-from sqlalchemy.exc import SQLAlchemyError
+from flask import Blueprint, Flask, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from . import db, metrics
+from . import db, logs, metrics
 from .envelope import open_push, verify_url
-from .errors import PayloadTooLargeError, StoreUnavailableError, WebhookError
+from .errors import PayloadTooLargeError, WebhookError
 from .events import parse_push
-from .intake import record
+from .intake import event_row
 
 log = logging.getLogger("wxcoupon.webhook")
 bp = Blueprint("wechat", __name__)
@@ -33,32 +31,27 @@ def verify() -> Response:
 @bp.post("/wechat")
 def receive() -> Response:
     """Accept one push: verify, decrypt, parse, commit, then answer `success`."""
-    started = g.get("request_started") or time.perf_counter()
     settings = db.get_settings()
     body = request.get_data(cache=False)
     opened = open_push(request.args, body, settings)
     push = parse_push(opened.fields)
-    try:
-        event_id = record(db.get_engine(), push, opened)
-    except SQLAlchemyError as exc:
-        # Not acknowledged: Weixin retries, and nothing was half-written.
-        log.error("store unavailable", extra={"error": type(exc).__name__})
-        raise StoreUnavailableError() from None
+    # Raises StoreUnavailableError (503) when the row is not committed: Weixin
+    # retries, and nothing was half-written.
+    event_id = db.get_writer().write(event_row(push, opened))
+    event = push.event or push.msg_type
+    metrics.count_push(event, "duplicate" if event_id is None else "stored")
+    metrics.observe_ack(logs.request_elapsed())
     if event_id is None:
-        log.info("duplicate push acknowledged", extra={"event": push.event or push.msg_type})
+        logs.log_request(log, logging.INFO, "duplicate push acknowledged", 200, event=event)
     else:
-        log.info("push stored", extra={"event_id": event_id, "event": push.event or push.msg_type})
-    metrics.count_push(push.event or push.msg_type, "duplicate" if event_id is None else "stored")
-    metrics.observe_ack(time.perf_counter() - started)
+        logs.log_request(log, logging.INFO, "push stored", 200, event_id=event_id, event=event)
     return _plain("success")
 
 
 def handle_webhook_error(exc: WebhookError) -> Response:
     """Map a typed error to its status with a short reason; log it without payload."""
-    log.warning(
-        "push rejected",
-        extra={"reason": exc.reason, "status": exc.status, "remote": request.remote_addr, "path": request.path},
-    )
+    logs.log_request(log, logging.WARNING, "push rejected", exc.status, reason=exc.reason,
+                     remote=request.remote_addr)  # fmt: skip
     metrics.count_rejection(exc.reason)
     return _plain(exc.reason, exc.status)
 

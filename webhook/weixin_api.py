@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -126,6 +127,19 @@ def _metric_errcode(errcode: int) -> int | str:
     return _METRIC_ERRCODES.get(errcode, errcode)
 
 
+def _session_for(api_base: str) -> requests.Session:
+    """A session with the environment's proxy and CA settings read once, now.
+
+    requests otherwise re-reads them from the environment on every call, which
+    costs about half a millisecond: as much as the rest of a call to a nearby server.
+    """
+    session = requests.Session()
+    session.proxies.update(requests.utils.get_environ_proxies(api_base))
+    session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+    session.trust_env = False
+    return session
+
+
 def _sent_maybe(exc: requests.ConnectionError) -> bool:
     """Whether a connection error may have happened after the request was sent."""
     reason: object = exc.args[0] if exc.args else None
@@ -161,7 +175,7 @@ class WeixinClient:
         self._appsecret = appsecret
         self._redis = redis
         self.timeout = timeout
-        self._session = session or requests.Session()
+        self._session = session or _session_for(self.api_base)
         self.retry_attempts = retry_attempts
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max

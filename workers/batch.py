@@ -2,29 +2,44 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from rq import get_current_job
 from sqlalchemy import Table
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import OperationalError
 
 from webhook.store import (
     AttemptOutcome,
     EventStatus,
+    abandon_processing,
     add_attempts,
     fail_processing,
     finish_processing,
     start_processing,
+    start_rows,
     utcnow,
-    writing,
+    worker_writing,
 )
 
 from .context import WorkerContext
 from .failures import describe, is_transient
-from .handlers import Handler, Row
+from .handlers import Handler, Row, no_fetch
+from .reconcile import CardPlan, apply_plans, count_outcomes
 
 log = logging.getLogger("wxcoupon.jobs")
+
+# Weixin calls of one batch that may run at once (read-only ones: decoding codes, reading cards).
+FETCH_THREADS = 4
+# Tries of the write phase when the database refuses it for a moment (locked, deadlock),
+# and the pauses between them: the Weixin answers are in hand, asking again would be waste.
+WRITE_TRIES = 3
+WRITE_BACKOFF = (0.2, 1.0)
 
 
 class BatchFailedError(Exception):
@@ -44,6 +59,7 @@ class BatchResult:
     failed: dict[int, str] = field(default_factory=dict)
     dead: dict[int, str] = field(default_factory=dict)
     skipped: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)  # reconciliation outcomes, for the metrics
 
     def summary(self) -> dict[str, int]:
         """Counts for the RQ job result."""
@@ -54,6 +70,22 @@ class BatchResult:
             "dead": len(self.dead),
             "skipped": self.skipped,
         }
+
+
+@dataclass
+class _Run:
+    """One run of a batch: who runs it, and what its rows fetched."""
+
+    ctx: WorkerContext
+    table: Table
+    handler_for: Callable[[Row], Handler]
+    job_id: str | None
+    worker: str | None
+    last_try: bool
+    record_attempts: bool
+    started_at: Any = field(default_factory=utcnow)
+    fetched: dict[int, Any] = field(default_factory=dict)
+    errors: dict[int, BaseException] = field(default_factory=dict)
 
 
 def run_batch(
@@ -67,80 +99,224 @@ def run_batch(
     """Process rows `ids` of `table`; raise BatchFailedError if any failed.
 
     Phase 1 (fetch) may call Weixin and holds no database transaction. Phase 2
-    (apply) writes every row in one short transaction, each under its own
-    savepoint, together with the status changes, so a row is `processed`
-    exactly when its effects are committed. Transient failures go back to
-    `queued` for RQ's retry of this job (or `dead` on the last try); permanent
-    ones become `failed` and wait for a replay.
+    (apply) writes every row in one short transaction together with the status
+    changes, so a row is `processed` exactly when its effects are committed.
+    The card changes of all rows are applied set-based; if that fails, each row
+    is applied again alone under a savepoint, so one bad row fails alone. When
+    no row needs Weixin, both phases share one transaction. Transient failures
+    go back to `queued` for RQ's retry of this job (or `dead` on the last try);
+    permanent ones become `failed` and wait for a replay.
+
+    `load(conn, ids)` reads rows by id; it is only needed where the database
+    cannot return the rows an UPDATE moved.
     """
     job = get_current_job()
-    job_id = job.id if job is not None else None
-    last_try = job is None or not job.retries_left
-    worker = job.worker_name if job is not None else None
-    started_at = utcnow()
-    with writing(ctx.engine) as conn:
-        started = start_processing(conn, [int(i) for i in ids], job_id, table)
-        rows = load(conn, started)
-    result = BatchResult(skipped=len(ids) - len(started))
-    errors: dict[int, BaseException] = {}
-    fetched: dict[int, Any] = {}
-    for row in rows:
-        try:
-            fetched[row["id"]] = handler_for(row).fetch(ctx, row)
-        except Exception as exc:
-            errors[row["id"]] = exc
-    with writing(ctx.engine) as conn:
-        for row in rows:
-            if row["id"] in errors:
-                continue
-            savepoint = conn.begin_nested()
-            try:
-                handler_for(row).apply(ctx, conn, row, fetched[row["id"]])
-                savepoint.commit()
-                result.processed.append(row["id"])
-            except Exception as exc:
-                savepoint.rollback()
-                errors[row["id"]] = exc
-        finish_processing(conn, result.processed, table)
-        for row_id, error in errors.items():
-            text = describe(error)
-            if not is_transient(error):
-                result.failed[row_id] = text
-                status = EventStatus.FAILED
-            elif last_try:
-                result.dead[row_id] = text
-                status = EventStatus.DEAD
-            else:
-                result.retrying[row_id] = text
-                status = EventStatus.QUEUED  # same job id: RQ's retry takes it again
-            fail_processing(conn, row_id, text, status, table)
-        if record_attempts and rows:
-            finished_at = utcnow()
-            outcome = {
-                **{i: (AttemptOutcome.PROCESSED, None) for i in result.processed},
-                **{i: (AttemptOutcome.RETRYING, e) for i, e in result.retrying.items()},
-                **{i: (AttemptOutcome.FAILED, e) for i, e in result.failed.items()},
-                **{i: (AttemptOutcome.DEAD, e) for i, e in result.dead.items()},
-            }
-            add_attempts(
-                conn,
-                [
-                    {
-                        "event_id": row["id"],
-                        "attempt": int(row["attempts"]),
-                        "job_id": job_id,
-                        "worker": worker,
-                        "started_at": started_at,
-                        "finished_at": finished_at,
-                        "outcome": outcome[row["id"]][0].value,
-                        "error": outcome[row["id"]][1],
-                    }
-                    for row in rows
-                ],
-            )
+    run = _Run(
+        ctx, table, handler_for, job_id=job.id if job is not None else None,
+        worker=job.worker_name if job is not None else None,
+        last_try=job is None or not job.retries_left, record_attempts=record_attempts,
+    )  # fmt: skip
+    wanted = [int(i) for i in ids]
+    rows, result = _start(run, wanted, load)
+    if result is None:
+        _fetch(run, rows)
+        result = _write_with_retries(run, rows)
+    count_outcomes(result.outcomes)  # committed: now they count
+    result.skipped = len(wanted) - len(rows)
     failed = {**result.retrying, **result.failed, **result.dead}
     for row_id, text in failed.items():
         log.warning("row failed", extra={"table": table.name, "row_id": row_id, "error": text.split(":")[0]})
     if failed:
         raise BatchFailedError(failed)
+    return result
+
+
+def _start(run: _Run, ids: list[int], load: Callable[[Any, list[int]], list[Row]]) -> tuple[list[Row], BatchResult | None]:
+    """Mark the rows processing and read them; when none needs Weixin, write them in the same transaction.
+
+    Nothing is committed unless all of it is, so a refused transaction is simply tried again.
+    """
+    row_by_row = False
+    attempt = 0
+    while True:
+        try:
+            with worker_writing(run.ctx.engine) as conn:
+                rows = start_rows(conn, ids, run.job_id, run.table)
+                if rows is None:
+                    rows = load(conn, start_processing(conn, ids, run.job_id, run.table))
+                if any(run.handler_for(row).fetch is not no_fetch for row in rows):
+                    return rows, None
+                return rows, _write(run, conn, rows, row_by_row)  # nothing to ask Weixin: one transaction
+        except _SetBasedFailed:
+            row_by_row = True  # rolled back: the same transaction again, each row under a savepoint
+        except OperationalError as exc:
+            attempt += 1
+            if attempt >= WRITE_TRIES:
+                raise
+            _pause(run, attempt - 1, exc)
+
+
+def _pause(run: _Run, attempt: int, exc: BaseException) -> None:
+    log.warning("database refused the transaction; trying again",
+                extra={"table": run.table.name, "error": describe(exc)[:200]})  # fmt: skip
+    time.sleep(WRITE_BACKOFF[min(attempt, len(WRITE_BACKOFF) - 1)])
+
+
+def _fetch(run: _Run, rows: list[Row]) -> None:
+    """Phase 1: each row's Weixin calls, a few at a time where the handler allows it."""
+    concurrent = [row for row in rows if run.handler_for(row).concurrent]
+    serial = [row for row in rows if not run.handler_for(row).concurrent]
+
+    def fetch(row: Row) -> None:
+        try:
+            run.fetched[row["id"]] = run.handler_for(row).fetch(run.ctx, row)
+        except Exception as exc:
+            run.errors[row["id"]] = exc
+
+    if len(concurrent) > 1:
+        try:
+            run.ctx.weixin  # noqa: B018 - the shared client, made once before the threads
+        except Exception:
+            pass  # each row's fetch meets the same error and keeps it
+        with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(concurrent)), thread_name_prefix="wxfetch") as pool:
+            list(pool.map(fetch, concurrent))
+    else:
+        serial = concurrent + serial
+    for row in serial:
+        fetch(row)
+
+
+def _write_with_retries(run: _Run, rows: list[Row]) -> BatchResult:
+    """Phase 2 after the Weixin calls: retried a few times, and never leaves the rows stranded.
+
+    If the database keeps refusing, the rows go back to `queued` (or `dead`) in
+    a short transaction of their own, so RQ's retry of this job takes them
+    again instead of the reaper, much later.
+    """
+    row_by_row = False
+    attempt = 0
+    while True:
+        try:
+            with worker_writing(run.ctx.engine) as conn:
+                return _write(run, conn, rows, row_by_row)
+        except _SetBasedFailed:
+            row_by_row = True
+        except OperationalError as exc:
+            attempt += 1
+            if attempt < WRITE_TRIES:
+                _pause(run, attempt - 1, exc)
+                continue
+            _give_back(run, rows, exc)
+            raise
+        except Exception as exc:
+            _give_back(run, rows, exc)
+            raise
+
+
+def _give_back(run: _Run, rows: list[Row], error: BaseException) -> None:
+    """Best effort: the rows of a write phase that failed, from processing back to queued (dead on the last try).
+
+    The whole transaction failed, not one row: RQ's retry of the job tries them all again.
+    """
+    text = describe(error)
+    if run.last_try:
+        status, outcome = EventStatus.DEAD, AttemptOutcome.DEAD
+    else:
+        status, outcome = EventStatus.QUEUED, AttemptOutcome.RETRYING
+    try:
+        with worker_writing(run.ctx.engine) as conn:
+            moved = abandon_processing(conn, [r["id"] for r in rows], run.job_id, text, status, run.table)
+            if run.record_attempts and moved:
+                now = utcnow()
+                add_attempts(conn, [_attempt(run, row_id, attempts, outcome, text, now) for row_id, attempts in moved])
+    except Exception:
+        log.exception("rows of a failed write phase not given back; the reaper will", extra={"table": run.table.name})
+        return
+    log.warning("write phase failed; rows given back", extra={"table": run.table.name, "rows": len(moved),
+                                                               "status": status.value})  # fmt: skip
+
+
+def _attempt(run: _Run, row_id: int, attempts: int, outcome: AttemptOutcome, error: str | None, now: Any) -> dict[str, Any]:
+    return {
+        "event_id": row_id, "attempt": attempts, "job_id": run.job_id, "worker": run.worker,
+        "started_at": run.started_at, "finished_at": now, "outcome": outcome.value, "error": error,
+    }  # fmt: skip
+
+
+class _SetBasedFailed(Exception):
+    """The set-based apply of a batch failed: roll back, then apply its rows one by one."""
+
+
+def _write(run: _Run, conn: Connection, rows: list[Row], row_by_row: bool = False) -> BatchResult:
+    """Phase 2 in the caller's transaction: the rows' effects, then their status and attempts.
+
+    The planned rows are applied set-based, without a savepoint; if that fails
+    the caller rolls the transaction back and calls again `row_by_row`, where
+    each row has a savepoint and fails alone.
+    """
+    result = BatchResult()
+    errors = dict(run.errors)
+    planned: list[tuple[Row, Handler, CardPlan]] = []
+    one_by_one: list[Row] = []
+    for row in rows:
+        if row["id"] in errors:
+            continue
+        handler = run.handler_for(row)
+        if handler.plan is None:
+            one_by_one.append(row)
+            continue
+        try:
+            planned.append((row, handler, handler.plan(run.ctx, row, run.fetched.get(row["id"]))))
+        except Exception as exc:
+            errors[row["id"]] = exc
+    if planned and not row_by_row:
+        try:
+            result.outcomes.update(apply_plans(conn, [plan for _, _, plan in planned]))
+        except OperationalError:
+            raise  # the database, not a row: the whole write phase is tried again
+        except Exception as exc:
+            log.warning("set-based apply failed; applying row by row", extra={"table": run.table.name}, exc_info=True)
+            raise _SetBasedFailed() from exc
+        result.processed.extend(row["id"] for row, _, _ in planned)
+    elif planned:
+        one_by_one.extend(row for row, _, _ in planned)
+        one_by_one.sort(key=lambda r: int(r["id"]))
+    for row in one_by_one:
+        savepoint = conn.begin_nested()
+        try:
+            handler = run.handler_for(row)
+            if handler.plan is None:
+                handler.apply(run.ctx, conn, row, run.fetched.get(row["id"]))
+            else:
+                result.outcomes.update(apply_plans(conn, [handler.plan(run.ctx, row, run.fetched.get(row["id"]))]))
+            savepoint.commit()
+            result.processed.append(row["id"])
+        except OperationalError:
+            raise
+        except Exception as exc:
+            savepoint.rollback()
+            errors[row["id"]] = exc
+    result.processed.sort()
+    finish_processing(conn, result.processed, run.table, job_id=run.job_id)
+    for row_id, error in sorted(errors.items()):
+        text = describe(error)
+        if not is_transient(error):
+            result.failed[row_id] = text
+            status = EventStatus.FAILED
+        elif run.last_try:
+            result.dead[row_id] = text
+            status = EventStatus.DEAD
+        else:
+            result.retrying[row_id] = text
+            status = EventStatus.QUEUED  # same job id: RQ's retry takes it again
+        fail_processing(conn, row_id, text, status, run.table, job_id=run.job_id)
+    if run.record_attempts and rows:
+        now = utcnow()
+        outcome = {
+            **{i: (AttemptOutcome.PROCESSED, None) for i in result.processed},
+            **{i: (AttemptOutcome.RETRYING, e) for i, e in result.retrying.items()},
+            **{i: (AttemptOutcome.FAILED, e) for i, e in result.failed.items()},
+            **{i: (AttemptOutcome.DEAD, e) for i, e in result.dead.items()},
+        }
+        add_attempts(conn, [_attempt(run, r["id"], int(r["attempts"]), *outcome[r["id"]], now) for r in rows])
     return result

@@ -9,15 +9,24 @@ import time
 from dataclasses import dataclass
 
 import redis
-from rq import Queue
+from rq import Queue, Worker
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
-
-from sqlalchemy import Table
+from sqlalchemy import Engine, Table, inspect
+from sqlalchemy.exc import SQLAlchemyError
 
 from webhook.cardstore import mp_records
 from webhook.members import activations
-from webhook.store import EventStatus, events, claim_pending, mark_queued, release_jobs, stale_job_ids, utcnow, writing
+from webhook.store import (
+    EventStatus,
+    claim_pending,
+    events,
+    mark_queued,
+    release_jobs,
+    stale_job_ids,
+    utcnow,
+    worker_writing,
+)
 
 from .context import EVENTS_QUEUE, WorkerContext
 from .reaper import reap_stuck
@@ -34,7 +43,16 @@ PROCESS_ACTIVATIONS = "workers.jobs.process_activations"
 LOCK_TTL = 30
 # A queued event whose job is missing for this long is put back to pending.
 ORPHAN_AFTER = 60.0
-REAP_INTERVAL = 30.0
+# The worker's dispatcher keeps the events queue this deep, no deeper: enough
+# jobs for every worker to go on with, while the rest of the backlog waits as
+# `pending`. Moving a whole backlog at once would hold SQLite's write lock in
+# back-to-back transactions while the jobs wait for it.
+QUEUED_JOBS_PER_WORKER = 8
+MIN_QUEUED_JOBS = 8
+# How soon the dispatcher looks again while the queue is full or rows keep coming.
+REFILL_INTERVAL = 0.02
+# One warning this often while the database has no schema yet (`wxcoupon db upgrade`).
+SCHEMA_WARNING_INTERVAL = 60.0
 
 
 def _chunks(ids: list[int], size: int) -> list[list[int]]:
@@ -58,8 +76,31 @@ OUTBOXES = (
 )
 
 
-def dispatch_once(ctx: WorkerContext, limit: int | None = None) -> int:
-    """Move up to `limit` pending rows of each outbox into RQ jobs; return how many were queued.
+def queue_room(ctx: WorkerContext) -> int:
+    """How many more jobs the events queue should take now (see QUEUED_JOBS_PER_WORKER)."""
+    queue = Queue(ctx.queue_name(EVENTS_QUEUE), connection=ctx.redis)
+    target = max(MIN_QUEUED_JOBS, QUEUED_JOBS_PER_WORKER * Worker.count(connection=ctx.redis, queue=queue))
+    return max(0, target - queue.count)
+
+
+def _share(found: list[tuple[Outbox, list[list[int]]]], max_jobs: int | None) -> list[tuple[Outbox, list[int]]]:
+    """The chunks to queue, taken in turn from each outbox, at most `max_jobs` of them.
+
+    In turn, so a backlog of one kind (events) does not hold back another (activation requests).
+    """
+    picked: list[tuple[Outbox, list[int]]] = []
+    depth = 0
+    while max_jobs is None or len(picked) < max_jobs:
+        layer = [(outbox, chunks[depth]) for outbox, chunks in found if depth < len(chunks)]
+        if not layer:
+            break
+        picked.extend(layer if max_jobs is None else layer[: max_jobs - len(picked)])
+        depth += 1
+    return picked
+
+
+def dispatch_once(ctx: WorkerContext, limit: int | None = None, max_jobs: int | None = None) -> int:
+    """Move up to `limit` pending rows of each outbox, in at most `max_jobs` jobs, into RQ; return how many were queued.
 
     Order matters for "never lost, never queued twice": the rows are first
     marked queued under fresh job ids in one transaction (only rows still
@@ -72,15 +113,18 @@ def dispatch_once(ctx: WorkerContext, limit: int | None = None) -> int:
     limit = limit or settings.dispatch_batch
     queue = Queue(ctx.queue_name(EVENTS_QUEUE), connection=ctx.redis)
     retry = job_retry(settings.retry_intervals)
+    if max_jobs is not None:
+        if max_jobs <= 0:
+            return 0
+        limit = min(limit, max_jobs * settings.job_batch)
     batches: list[tuple[Outbox, str, list[int]]] = []
-    with writing(ctx.engine) as conn:
-        for outbox in OUTBOXES:
-            candidates = claim_pending(conn, limit, outbox.table)
-            for chunk in _chunks(candidates, settings.job_batch):
-                job_id = f"{outbox.prefix}-{secrets.token_hex(8)}"
-                won = mark_queued(conn, chunk, job_id, outbox.table)
-                if won:
-                    batches.append((outbox, job_id, won))
+    with worker_writing(ctx.engine) as conn:
+        found = [(outbox, _chunks(claim_pending(conn, limit, outbox.table), settings.job_batch)) for outbox in OUTBOXES]
+        for outbox, chunk in _share(found, max_jobs):
+            job_id = f"{outbox.prefix}-{secrets.token_hex(8)}"
+            won = mark_queued(conn, chunk, job_id, outbox.table)
+            if won:
+                batches.append((outbox, job_id, won))
     if not batches:
         return 0
     try:
@@ -151,6 +195,7 @@ class Dispatcher(threading.Thread):
         self.stopping = threading.Event()
         self._redis_was_down = False
         self._next_reap = 0.0
+        self._next_schema_warning = 0.0
 
     def stop(self) -> None:
         """Ask the loop to finish its current pass and exit."""
@@ -161,11 +206,14 @@ class Dispatcher(threading.Thread):
         lock_name = f"{self.ctx.settings.queue_prefix}:dispatch-lock"
         while not self.stopping.is_set():
             moved = 0
+            full = False
             try:
                 lock = self.ctx.redis.lock(lock_name, timeout=LOCK_TTL, blocking=False)
                 if lock.acquire():
                     try:
-                        moved = dispatch_once(self.ctx)
+                        room = queue_room(self.ctx)
+                        full = room == 0
+                        moved = dispatch_once(self.ctx, max_jobs=room)
                         if time.monotonic() >= self._next_reap:
                             reap_orphans(self.ctx)
                             reap_stuck(self.ctx)  # rows held by a worker that died
@@ -183,8 +231,28 @@ class Dispatcher(threading.Thread):
                 if not self._redis_was_down:
                     log.warning("redis unreachable; events stay pending", extra={"error": type(exc).__name__})
                     self._redis_was_down = True
+            except SQLAlchemyError:
+                if schema_missing(self.ctx.engine):
+                    self._warn_schema_missing()
+                else:
+                    log.exception("dispatcher pass failed")
             except Exception:
                 log.exception("dispatcher pass failed")
-            # A full batch means more may be waiting: go again at once.
-            if moved < self.ctx.settings.dispatch_batch:
-                self.stopping.wait(self.ctx.settings.dispatch_interval)
+            # Rows moved or the queue full: more may be waiting, look again soon.
+            interval = self.ctx.settings.dispatch_interval
+            self.stopping.wait(min(interval, REFILL_INTERVAL) if moved or full else interval)
+
+    def _warn_schema_missing(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_schema_warning:
+            log.warning("the database has no schema yet: run `wxcoupon db upgrade`; nothing is dispatched until then")
+            self._next_schema_warning = now + SCHEMA_WARNING_INTERVAL
+
+
+def schema_missing(engine: Engine) -> bool:
+    """True when the database answers but has no events table (not migrated yet)."""
+    try:
+        with engine.connect() as conn:
+            return not inspect(conn).has_table(events.name)
+    except SQLAlchemyError:
+        return False  # the database itself is the problem; the pass's error says how

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection
 from webhook.config import Settings
 from webhook.members import MAX_MEMBERSHIP_NUMBER, MemberSource, members, membership_numbers
 from webhook.pii import DataCipher
-from webhook.store import utcnow, writing
+from webhook.store import utcnow, worker_writing
 
 SEQUENCE_DIGITS = 8  # zero-padded width of the sequence part: AAA00000001
 
@@ -91,7 +91,7 @@ def assign_number(conn: Connection, settings: Settings, card_id: str, code: str)
 
 def assign_membership_number(engine: Engine, settings: Settings, card_id: str, code: str) -> str:
     """Assign (or read back) the membership number in its own short, committed transaction."""
-    with writing(engine) as conn:
+    with worker_writing(engine) as conn:
         return assign_number(conn, settings, card_id, code)
 
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
-from webhook.cardstore import Match, RecordKind, mp_records
+from webhook.cardstore import RecordKind, mp_records
 from webhook.store import utcnow
 
 from .context import WorkerContext
 from .handlers import Handler
-from .reconcile import match_for, update_card
+from .reconcile import CardChange, CardPlan, RecordMatch
 
 Row = dict[str, Any]
 
@@ -34,24 +34,21 @@ def fetch_code(ctx: WorkerContext, record: Row) -> str | None:
     return ctx.weixin.decrypt_code(record["encrypt_code"])
 
 
-def apply_code(ctx: WorkerContext, conn: Connection, record: Row, code: str | None) -> None:
+def plan_code(ctx: WorkerContext, record: Row, code: str | None) -> CardPlan:
     """Record the real code and join the Mini Program holder to the card."""
-    now = utcnow()
     if code is None:
-        conn.execute(update(mp_records).where(mp_records.c.id == record["id"]).values(match=Match.IGNORED.value))
-        return
+        return CardPlan(record=RecordMatch(record["id"], record.get("code"), record.get("decoded_at"), None))
     oa_openid = record["oa_openid"] if record["kind"] == RecordKind.ENTRY.value else None
-    card = update_card(
-        conn, record["card_id"], code, mp_openid=record["mp_openid"], unionid=record["unionid"], oa_openid=oa_openid
-    )
-    conn.execute(
-        update(mp_records)
-        .where(mp_records.c.id == record["id"])
-        .values(code=code, decoded_at=record["decoded_at"] or now, match=match_for(card).value, updated_at=now)
-    )
+    change = CardChange(
+        str(record["card_id"]), code,
+        fields={"mp_openid": record["mp_openid"], "unionid": record["unionid"], "oa_openid": oa_openid},
+    )  # fmt: skip
+    decoded = RecordMatch(record["id"], code, record["decoded_at"] or utcnow(), change.key)
+    return CardPlan((change,), decoded)
 
 
-RECORD_HANDLER = Handler(fetch=fetch_code, apply=apply_code)
+# Decoding is a read-only call per record: a few run at once (the real Weixin takes tens of ms each).
+RECORD_HANDLER = Handler(fetch=fetch_code, plan=plan_code, concurrent=True)
 
 
 def handler_for_record(_record: Row) -> Handler:

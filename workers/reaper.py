@@ -30,7 +30,7 @@ from rq.job import Job, JobStatus
 from sqlalchemy import Table, select, update
 
 from webhook import metrics
-from webhook.store import AttemptOutcome, EventStatus, add_attempts, events, utcnow, writing
+from webhook.store import AttemptOutcome, EventStatus, add_attempts, events, utcnow, worker_writing
 
 from .context import WorkerContext
 
@@ -236,7 +236,7 @@ def reap_stuck(ctx: WorkerContext, tables: Sequence[Table] | None = None, min_ag
     for table in tables:
         for status in (EventStatus.PROCESSING, EventStatus.QUEUED):
             for job_id, reason in _abandoned_jobs(ctx, table, status, before).items():
-                with writing(ctx.engine) as conn:
+                with worker_writing(ctx.engine) as conn:
                     ids = requeue_rows(conn, table, job_id, status, reason)
                 if ids:
                     moved += len(ids)

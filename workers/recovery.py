@@ -16,8 +16,9 @@ from typing import Any
 from rq import Queue
 from sqlalchemy import or_, select, update
 
+from webhook import metrics
 from webhook.cardstore import Match, mp_records
-from webhook.store import utcnow, writing
+from webhook.store import utcnow, worker_writing
 from webhook.weixin_api import InvalidCodeError, WeixinAPIError
 
 from .context import API_QUEUE, WorkerContext
@@ -33,7 +34,7 @@ def schedule_recovery(ctx: WorkerContext, now: dt.datetime | None = None, limit:
     """Claim overdue waiting records and enqueue recovery jobs; return how many."""
     now = now or utcnow()
     cutoff = now - dt.timedelta(seconds=ctx.settings.recovery_delay)
-    with writing(ctx.engine) as conn:
+    with worker_writing(ctx.engine) as conn:
         ids = [
             int(i)
             for i in conn.execute(
@@ -82,7 +83,7 @@ def recover_records(ctx: WorkerContext, record_ids: list[int]) -> dict[str, int]
             answers[record["id"]] = exc
     counts = {"recovered": 0, "unmatched": 0, "retry_later": 0}
     checked = int(time.time())
-    with writing(ctx.engine) as conn:
+    with worker_writing(ctx.engine) as conn:
         for record in records:
             answer = answers[record["id"]]
             if isinstance(answer, BaseException):
@@ -107,5 +108,7 @@ def recover_records(ctx: WorkerContext, record_ids: list[int]) -> dict[str, int]
             )  # fmt: skip
             settled = settle_waiting_records(conn, card)
             counts["recovered"] += 1 if settled else 0
+    metrics.count_reconcile(Match.RECOVERED.value, counts["recovered"])
+    metrics.count_reconcile(Match.UNMATCHED.value, counts["unmatched"])
     log.info("recovery done", extra=counts)
     return counts

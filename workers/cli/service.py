@@ -17,9 +17,18 @@ from ..reaper import reap_stuck
 from ..runner import run_worker
 from .common import settings_or_exit
 
-# Sync workers: the handler is CPU-bound and short; two per core is gunicorn's
-# advice, and WEB_CONCURRENCY overrides it as on most platforms.
+# Two processes per core is gunicorn's advice; WEB_CONCURRENCY overrides it as
+# on most platforms.
 DEFAULT_WEB_WORKERS = 2
+# Threads per process; 1 means gunicorn's sync worker, more its gthread worker.
+# With threads, pushes in flight together in one process share a transaction
+# and its fsync (webhook.intake.EventWriter). Measured on 2 CPUs (bench/intake.py):
+# sync workers take in more on SQLite, with a p99 about half as long, because
+# the handler is CPU-bound and threads contend for the GIL; 16 threads took in
+# ~25% more on PostgreSQL, where each commit waits on the network and the
+# server's WAL flush. So sync by default; WXCOUPON_WEB_THREADS=16 for PostgreSQL
+# or disks whose fsync is slow.
+DEFAULT_WEB_THREADS = 1
 # Weixin gives up after 5 s; a request still running at 10 s is stuck.
 WEB_TIMEOUT = 10
 
@@ -43,12 +52,25 @@ def _child_exit(_server: Any, worker: Any) -> None:
     mark_process_dead(worker.pid)
 
 
-def gunicorn_options(host: str, port: int, workers: int, access_log: bool) -> dict[str, Any]:
+def web_threads() -> int:
+    """Threads per web process: WXCOUPON_WEB_THREADS, else DEFAULT_WEB_THREADS."""
+    raw = os.environ.get("WXCOUPON_WEB_THREADS", "").strip()
+    if not raw:
+        return DEFAULT_WEB_THREADS
+    if not raw.isdigit() or int(raw) < 1:
+        raise click.ClickException(f"WXCOUPON_WEB_THREADS must be a whole number of at least 1 (got {raw!r})")
+    return int(raw)
+
+
+def gunicorn_options(
+    host: str, port: int, workers: int, access_log: bool, threads: int = DEFAULT_WEB_THREADS
+) -> dict[str, Any]:
     """The gunicorn settings `serve` applies before an optional config file."""
     options: dict[str, Any] = {
         "bind": f"{host}:{port}",
         "workers": workers,
-        "worker_class": "sync",
+        "worker_class": "gthread" if threads > 1 else "sync",
+        "threads": threads,
         "timeout": WEB_TIMEOUT,
         "graceful_timeout": 20,
         "keepalive": 5,
@@ -68,11 +90,14 @@ def gunicorn_options(host: str, port: int, workers: int, access_log: bool) -> di
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--workers", type=int, default=None, help="gunicorn workers [default: WEB_CONCURRENCY or 2]")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="threads per worker; more than 1: gthread workers [default: WXCOUPON_WEB_THREADS or 1]")
 @click.option("--gunicorn-config", type=click.Path(exists=True, dir_okay=False), help="A gunicorn config file.")
 @click.option("--access-log/--no-access-log", default=False, show_default=True)
 @click.pass_context
 def serve(
-    click_ctx: click.Context, host: str, port: int, workers: int | None, gunicorn_config: str | None, access_log: bool
+    click_ctx: click.Context, host: str, port: int, workers: int | None, threads: int | None,
+    gunicorn_config: str | None, access_log: bool,
 ) -> None:
     """Serve the webhook under gunicorn."""
     from gunicorn.app.base import Application
@@ -83,12 +108,14 @@ def serve(
     prepare_multiproc_dir(metrics_dir(settings))
     if workers is None:
         workers = int(os.environ.get("WEB_CONCURRENCY", DEFAULT_WEB_WORKERS))
-    defaults = gunicorn_options(host, port, workers, access_log)
+    if threads is None:
+        threads = web_threads()
+    defaults = gunicorn_options(host, port, workers, access_log, threads)
     # Precedence: built-in defaults, then the config file, then flags typed on
     # the command line.
     explicit = {
         name
-        for name in ("host", "port", "workers")
+        for name in ("host", "port", "workers", "threads")
         if click_ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
     }
     overrides: dict[str, Any] = {}
@@ -96,6 +123,9 @@ def serve(
         overrides["bind"] = defaults["bind"]
     if "workers" in explicit:
         overrides["workers"] = workers
+    if "threads" in explicit:
+        overrides["threads"] = threads
+        overrides["worker_class"] = defaults["worker_class"]
 
     class WebApplication(Application):  # Application: it can read a config file
         def load_config(self) -> None:

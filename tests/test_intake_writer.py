@@ -1,0 +1,275 @@
+"""The push path's writer: requests in flight together share a transaction, and each is answered
+only after its own row is committed; what fails is refused, never acknowledged."""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from webhook import create_app, intake
+from webhook.config import Settings
+from webhook.envelope import open_push
+from webhook.errors import StoreUnavailableError
+from webhook.events import parse_push
+from webhook.intake import EventWriter, WriteLock, WriteLockTimeoutError, event_row, sqlite_write_lock
+from webhook.store import PreparedEventInsert, events, make_engine
+
+from .pushes import make_push
+
+
+def new_row(settings: Settings, i: int, **overrides: Any) -> dict[str, Any]:
+    """The event row of a distinct push."""
+    query, body = make_push(settings, UserCardCode=f"{500000000000 + i}", FromUserName=f"oWriter{i:06d}")
+    opened = open_push(query, body, settings)
+    return {**event_row(parse_push(opened.fields), opened), **overrides}
+
+
+def stored_keys(engine: sa.Engine) -> dict[str, int]:
+    """dedupe_key -> id of every stored event."""
+    with engine.connect() as conn:
+        return {k: i for k, i in conn.execute(sa.select(events.c.dedupe_key, events.c.id))}
+
+
+@pytest.fixture
+def engine(settings: Settings) -> Iterator[sa.Engine]:
+    """An engine on the migrated test database."""
+    eng = make_engine(settings)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def writer(engine: sa.Engine) -> Iterator[EventWriter]:
+    """The writer as the app makes it (with SQLite's file lock)."""
+    w = EventWriter(engine, sqlite_write_lock(engine))
+    yield w
+    w.close()
+
+
+def write_all(writer: EventWriter, rows: list[dict[str, Any]], threads: int = 16) -> list[int | None | Exception]:
+    """Write rows from many threads at once; each one's id, None (duplicate) or error."""
+
+    def one(row: dict[str, Any]) -> int | None | Exception:
+        try:
+            return writer.write(row)
+        except StoreUnavailableError as exc:
+            return exc
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(one, rows))
+
+
+def test_concurrent_writes_are_all_committed_in_shared_transactions(
+    settings: Settings, engine: sa.Engine, writer: EventWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """200 rows from 16 threads: every id returned is its own committed row, in fewer transactions than rows."""
+    transactions = []
+    real = EventWriter._transaction
+
+    def counted(self: EventWriter, conn: Any, rows: list[dict[str, Any]]) -> list[int | None]:
+        transactions.append(len(rows))
+        time.sleep(0.002)  # a slow disk: the other requests queue meanwhile
+        return real(self, conn, rows)
+
+    monkeypatch.setattr(EventWriter, "_transaction", counted)
+    rows = [new_row(settings, i) for i in range(200)]
+    results = write_all(writer, rows)
+    assert all(isinstance(r, int) for r in results)
+    assert stored_keys(engine) == {row["dedupe_key"]: r for row, r in zip(rows, results)}
+    assert sum(transactions) == 200 and len(transactions) < 200 and max(transactions) > 1
+
+
+def test_concurrent_copies_of_one_push_make_one_row(settings: Settings, engine: sa.Engine, writer: EventWriter) -> None:
+    """32 copies at once, in one batch or several: one id, every other copy a duplicate, one row."""
+    row = new_row(settings, 1)
+    results = write_all(writer, [dict(row) for _ in range(32)])
+    ids = [r for r in results if r is not None]
+    assert len(ids) == 1 and results.count(None) == 31
+    assert stored_keys(engine) == {row["dedupe_key"]: ids[0]}
+
+
+def test_prepared_insert_stores_what_sqlalchemy_stores(settings: Settings, engine: sa.Engine, writer: EventWriter) -> None:
+    """The driver-level insert gives the same column values as an insert through SQLAlchemy."""
+    via_writer, via_sqlalchemy = new_row(settings, 1), new_row(settings, 2)
+    writer.write(via_writer)
+    with engine.begin() as conn:
+        intake.insert_event(conn, via_sqlalchemy)
+    with engine.connect() as conn:
+        stored = [dict(r) for r in conn.execute(sa.select(events).order_by(events.c.id)).mappings()]
+    for sent, got in zip((via_writer, via_sqlalchemy), stored):
+        assert {k: got[k] for k in sent} == {**sent, "received_at": got["received_at"], "updated_at": got["updated_at"]}
+        assert got["received_at"].replace(tzinfo=None) == sent["received_at"].replace(tzinfo=None)
+    assert PreparedEventInsert(engine.dialect).sql.count("ON CONFLICT") == 1
+
+
+def _hold_first_transaction(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Make the next transaction wait inside until released, so that other writes queue into one batch."""
+    entered, release = threading.Event(), threading.Event()
+    real = EventWriter._transaction
+
+    def held(self: EventWriter, conn: Any, rows: list[dict[str, Any]]) -> list[int | None]:
+        if not entered.is_set():
+            entered.set()
+            assert release.wait(10)
+        return real(self, conn, rows)
+
+    monkeypatch.setattr(EventWriter, "_transaction", held)
+    return entered, release
+
+
+def _queued(writer: EventWriter, n: int) -> Callable[[], bool]:
+    return lambda: len(writer._waiting) == n
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_a_failed_batch_refuses_every_request_in_it_and_stores_none(
+    settings: Settings, engine: sa.Engine, writer: EventWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five requests queued behind a running transaction share the next one; its COMMIT fails: all five get
+    503 and none of their rows exists; the first request, committed before, is stored and answered."""
+    entered, release = _hold_first_transaction(monkeypatch)
+    rows = [new_row(settings, i) for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        first = pool.submit(writer.write, rows[0])
+        assert entered.wait(10)
+        rest = [pool.submit(writer.write, row) for row in rows[1:]]
+        wait_until(_queued(writer, 5))
+        # The batch of five fails after its rows were inserted, as a failing COMMIT would.
+        real_prepared, dbapi = writer.prepared, engine.dialect.loaded_dbapi
+        executed = []
+
+        class FailingFifth:
+            def execute(self, cursor: Any, row: dict[str, Any]) -> int | None:
+                executed.append(row)
+                found = real_prepared.execute(cursor, row)
+                if len(executed) == 6:  # the first request's row, then four of the batch
+                    raise dbapi.OperationalError("disk I/O error")
+                return found
+
+        monkeypatch.setattr(writer, "prepared", FailingFifth())
+        release.set()
+        first_id = first.result(10)
+        errors = [f.exception(10) for f in rest]
+    assert isinstance(first_id, int)
+    assert all(isinstance(e, StoreUnavailableError) for e in errors)
+    assert stored_keys(engine) == {rows[0]["dedupe_key"]: first_id}
+    # The writer is not stuck: Weixin's retries are stored.
+    monkeypatch.setattr(writer, "prepared", real_prepared)
+    assert all(isinstance(r, int) for r in write_all(writer, rows[1:]))
+    assert len(stored_keys(engine)) == 6
+
+
+def test_a_bad_row_does_not_sink_the_rows_batched_with_it(
+    settings: Settings, engine: sa.Engine, writer: EventWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row the database refuses on its own (NOT NULL) in a batch of four: it gets 503, the three others
+    are stored and acknowledged."""
+    entered, release = _hold_first_transaction(monkeypatch)
+    rows = [new_row(settings, i) for i in range(4)] + [new_row(settings, 9, mode=None)]
+    with ThreadPoolExecutor(5) as pool:
+        first = pool.submit(writer.write, rows[0])
+        assert entered.wait(10)
+        rest = [pool.submit(writer.write, row) for row in rows[1:]]
+        wait_until(_queued(writer, 4))
+        release.set()
+        assert isinstance(first.result(10), int)
+        outcomes = [f.exception(10) or f.result() for f in rest]
+    assert all(isinstance(o, int) for o in outcomes[:3]) and isinstance(outcomes[3], StoreUnavailableError)
+    assert set(stored_keys(engine)) == {row["dedupe_key"] for row in rows[:4]}
+
+
+def test_sqlite_write_lock_is_bounded_and_gives_503(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While another web process holds the intake lock past the wait, the push gets 503 and is not stored;
+    Weixin's retry after the lock is released is stored."""
+    if not settings.database_url.startswith("sqlite"):
+        pytest.skip("the file lock is SQLite's")
+    app = create_app(settings, {"TESTING": True})
+    engine = app.extensions["wxcoupon.engine"]
+    other = sqlite_write_lock(engine)  # another open file description: as another process
+    assert other is not None
+    other.acquire(1)
+    try:
+        app.extensions["wxcoupon.writer"].wait = 0.2
+        query, body = make_push(settings)
+        started = time.monotonic()
+        resp = app.test_client().post("/wechat", query_string=query, data=body)
+        assert resp.status_code == 503 and time.monotonic() - started < 5
+        assert stored_keys(engine) == {}
+    finally:
+        other.release()
+        other.close()
+    assert app.test_client().post("/wechat", query_string=query, data=body).status_code == 200
+    assert len(stored_keys(engine)) == 1
+    engine.dispose()
+
+
+def test_write_lock_times_out_then_can_be_taken(tmp_path: Any) -> None:
+    """The lock excludes a second holder for the wait given, then raises; released, it is taken at once."""
+    a, b = WriteLock(tmp_path / "db-intake.lock"), WriteLock(tmp_path / "db-intake.lock")
+    a.acquire(1)
+    with pytest.raises(WriteLockTimeoutError):
+        b.acquire(0.05)
+    a.release()
+    b.acquire(0.05)
+    b.release()
+    a.close()
+    b.close()
+
+
+def test_postgres_connection_killed_between_pushes_is_replaced(settings: Settings, engine: sa.Engine,
+                                                               writer: EventWriter) -> None:  # fmt: skip
+    """The writer's connection terminated by the server: the next push is still stored (one retry)."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("a server-side disconnect is PostgreSQL's")
+    first = writer.write(new_row(settings, 1))
+    pid = writer._conn.dbapi_connection.info.backend_pid
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar()
+    second = writer.write(new_row(settings, 2))
+    assert isinstance(first, int) and isinstance(second, int) and second != first
+    assert len(stored_keys(engine)) == 2
+
+
+def test_threaded_server_commits_every_push_it_acknowledges(settings: Settings, tmp_path: Path) -> None:
+    """`wxcoupon serve --threads 8` (gthread, group commit), 40 distinct pushes sent 3 times each at once:
+    every answer is success and each push is exactly one committed row."""
+    import requests
+
+    from . import procs
+
+    env = procs.settings_env(settings)
+    port = procs.free_port()
+    log = tmp_path / "serve.log"
+    proc = procs.start(["serve", "--port", str(port), "--workers", "2", "--threads", "8"], env, log)
+    url = f"http://127.0.0.1:{port}/wechat"
+    try:
+        procs.wait_http(f"http://127.0.0.1:{port}/healthz", proc, log)
+        pushes = [make_push(settings, UserCardCode=f"{710000000000 + i}") for i in range(40)]
+
+        def fire(push: tuple[dict[str, str], bytes]) -> tuple[int, str]:
+            resp = requests.post(url, params=push[0], data=push[1], timeout=10)
+            return resp.status_code, resp.text
+
+        with ThreadPoolExecutor(24) as pool:
+            answers = list(pool.map(fire, pushes * 3))
+    finally:
+        procs.stop(proc)
+    assert answers == [(200, "success")] * 120
+    assert "Using worker: gthread" in log.read_text()
+    engine = make_engine(settings)
+    with engine.connect() as conn:
+        codes = sorted(conn.execute(sa.select(events.c.code)).scalars())
+    engine.dispose()
+    assert codes == sorted(f"{710000000000 + i}" for i in range(40))
