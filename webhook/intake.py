@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from .envelope import OpenedPush
 from .errors import StoreUnavailableError
 from .events import Push
-from .store import SQLITE_BUSY_SECONDS, EventStatus, PreparedEventInsert, insert_event, utcnow
+from .store import EventStatus, PreparedEventInsert, insert_event, utcnow
 
 log = logging.getLogger("wxcoupon.webhook")
 

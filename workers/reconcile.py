@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, select, tuple_, update
+from sqlalchemy import and_, bindparam, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
@@ -313,34 +313,3 @@ def count_outcomes(outcomes: Mapping[str, int]) -> None:
     """Report a batch's reconciliation outcomes to the metrics (once per outcome, not per row)."""
     for outcome, n in outcomes.items():
         metrics.count_reconcile(outcome, n)
-
-
-def report(conn: Connection, unmatched_limit: int = 100) -> dict[str, Any]:
-    """Counts of the reconciliation and the unmatched items."""
-    counts = {m.value: 0 for m in Match}
-    for match, n in conn.execute(select(mp_records.c.match, func.count()).group_by(mp_records.c.match)).all():
-        if match is not None:
-            counts[str(match)] = int(n)
-    undecoded = conn.execute(
-        select(func.count()).select_from(mp_records).where(mp_records.c.match.is_(None))
-    ).scalar_one()
-    oa_only = conn.execute(
-        select(func.count())
-        .select_from(cards)
-        .where(and_(cards.c.origin.is_not(None), cards.c.mp_openid.is_(None)))
-    ).scalar_one()
-    items = conn.execute(
-        select(
-            mp_records.c.id, mp_records.c.kind, mp_records.c.card_id, mp_records.c.code,
-            mp_records.c.mp_openid, mp_records.c.last_error, mp_records.c.checked_at,
-        )
-        .where(mp_records.c.match == Match.UNMATCHED.value)
-        .order_by(mp_records.c.id)
-        .limit(unmatched_limit)
-    ).mappings()
-    return {
-        **counts,
-        "undecoded": int(undecoded),
-        "oa_only": int(oa_only),
-        "unmatched_items": [dict(i) for i in items],
-    }
