@@ -16,10 +16,9 @@ import json
 from typing import Any
 
 from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, String, Table, Text, UniqueConstraint, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from .store import IdType, metadata, work_columns
+from .store import IdType, insert_once, metadata, work_columns
 
 MAX_MEMBERSHIP_NUMBER = 20  # Weixin: membership_number string(20)
 MAX_CODE = 20  # Weixin: code string(20)
@@ -130,13 +129,7 @@ def activation_key(kind: ActivationKind, *parts: str | None) -> str:
 
 def insert_activation(conn: Connection, row: dict[str, Any]) -> int:
     """Insert an activation request unless its dedupe key exists; return its id either way."""
-    insert = (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(activations)
-    found = conn.execute(
-        insert.values(**row).on_conflict_do_nothing(index_elements=["dedupe_key"]).returning(activations.c.id)
-    ).scalar_one_or_none()
-    if found is None:
-        found = conn.execute(select(activations.c.id).where(activations.c.dedupe_key == row["dedupe_key"])).scalar_one()
-    return int(found)
+    return insert_once(conn, activations, row)
 
 
 def get_activation(conn: Connection, activation_id: int) -> dict[str, Any] | None:

@@ -10,14 +10,13 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, jsonify, request
 from sqlalchemy import func, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import db
 from .cardext import build_card_ext, card_ext_json
 from .cardstore import RecordKind, cards, mp_records
-from .store import EventStatus, utcnow
+from .store import EventStatus, insert_once, utcnow
 
 log = logging.getLogger("wxcoupon.mp_api")
 bp = Blueprint("mp_api", __name__, url_prefix="/api/mp")
@@ -88,13 +87,7 @@ def record_key(kind: RecordKind, card_id: str, encrypt_code: str, mp_openid: str
 
 def insert_record(conn: Connection, row: dict[str, Any]) -> int:
     """Insert a record unless its dedupe key exists; return its id either way."""
-    insert = (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(mp_records)
-    found = conn.execute(
-        insert.values(**row).on_conflict_do_nothing(index_elements=["dedupe_key"]).returning(mp_records.c.id)
-    ).scalar_one_or_none()
-    if found is None:
-        found = conn.execute(select(mp_records.c.id).where(mp_records.c.dedupe_key == row["dedupe_key"])).scalar_one()
-    return int(found)
+    return insert_once(conn, mp_records, row)
 
 
 def _record_row(kind: RecordKind, card_id: str, encrypt_code: str, mp_openid: str, **extra: Any) -> dict[str, Any]:

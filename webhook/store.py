@@ -181,14 +181,30 @@ def writing(engine: Engine) -> Iterator[Connection]:
             yield conn
 
 
-def _insert_for(conn: Connection | Dialect) -> Any:
-    """The dialect's INSERT that supports ON CONFLICT DO NOTHING."""
+def dialect_insert(conn: Connection | Dialect, table: Table) -> Any:
+    """The dialect's INSERT into `table`, the one that supports ON CONFLICT DO NOTHING."""
     name = conn.dialect.name if isinstance(conn, Connection) else conn.name
     if name == "postgresql":
-        return postgresql.insert(events)
+        return postgresql.insert(table)
     if name == "sqlite":
-        return sqlite.insert(events)
+        return sqlite.insert(table)
     raise RuntimeError(f"unsupported database dialect {name!r}")
+
+
+def _insert_for(conn: Connection | Dialect) -> Any:
+    return dialect_insert(conn, events)
+
+
+def insert_once(conn: Connection, table: Table, row: dict[str, Any]) -> int:
+    """Insert `row` unless its dedupe_key is stored already; return the row's id either way.
+
+    The unique constraint decides, so concurrent copies of one request make one row.
+    """
+    stmt = dialect_insert(conn, table).values(**row).on_conflict_do_nothing(index_elements=["dedupe_key"])
+    found = conn.execute(stmt.returning(table.c.id)).scalar_one_or_none()
+    if found is None:
+        found = conn.execute(select(table.c.id).where(table.c.dedupe_key == row["dedupe_key"])).scalar_one()
+    return int(found)
 
 
 # The columns a new event row gives (webhook.intake.event_row); the others

@@ -15,13 +15,12 @@ import datetime as dt
 from typing import Any
 
 from sqlalchemy import Engine, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from webhook.config import Settings
 from webhook.members import MAX_MEMBERSHIP_NUMBER, MemberSource, members, membership_numbers
 from webhook.pii import DataCipher
-from webhook.store import utcnow, worker_writing
+from webhook.store import dialect_insert, utcnow, worker_writing
 
 SEQUENCE_DIGITS = 8  # zero-padded width of the sequence part: AAA00000001
 
@@ -31,7 +30,7 @@ class MembershipNumberError(Exception):
 
 
 def _insert(conn: Connection) -> Any:
-    return (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(members)
+    return dialect_insert(conn, members)
 
 
 def lock_member(conn: Connection, card_id: str, code: str) -> dict[str, Any]:

@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import and_, bindparam, select, tuple_, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from webhook import metrics
 from webhook.cardstore import STATUS_RANK, TERMINAL, CardStatus, Match, cards, mp_records
-from webhook.store import utcnow
+from webhook.store import dialect_insert, utcnow
 
 log = logging.getLogger("wxcoupon.reconcile")
 
@@ -53,7 +52,7 @@ def status_key(status: str | None, time: int | None) -> tuple[int, int, int, str
 
 
 def _insert(conn: Connection) -> Any:
-    return (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(cards)
+    return dialect_insert(conn, cards)
 
 
 @dataclass(frozen=True, slots=True)
