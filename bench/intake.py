@@ -55,6 +55,7 @@ from webhook.events import sample_fields  # noqa: E402
 from workers.cli.service import DEFAULT_WEB_THREADS  # noqa: E402
 
 import loadgen  # noqa: E402  (bench/loadgen.py)
+from pgschema import create_pg_schema, drop_pg_schema, pg_schema_url  # noqa: E402  (bench/pgschema.py)
 
 DEFAULT_POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TOLERANCE = 300  # WECHAT_TIMESTAMP_TOLERANCE given to the server (its default)
@@ -460,20 +461,6 @@ class Bench:
 # ---------------------------------------------------------------- databases
 
 
-def pg_schema_url(base: str, schema: str) -> str:
-    """The PostgreSQL URL whose connections use `schema` (the search_path trick of tests/conftest.py)."""
-    sep = "&" if "?" in base else "?"
-    return f"{base}{sep}options={urllib.parse.quote(f'-csearch_path={schema}')}"
-
-
-def create_pg_schema(base: str, schema: str) -> None:
-    """A fresh, empty schema for one run."""
-    engine = sa.create_engine(base, connect_args={"connect_timeout": 5})
-    with engine.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    engine.dispose()
-
-
 def pg_backend_pids(base: str, application_name: str) -> list[int]:
     """Pids of the PostgreSQL backends whose clients set this application_name."""
     engine = sa.create_engine(base, connect_args={"connect_timeout": 5}, poolclass=sa.pool.NullPool)
@@ -484,14 +471,6 @@ def pg_backend_pids(base: str, application_name: str) -> list[int]:
             return [int(pid) for pid in rows]
     finally:
         engine.dispose()
-
-
-def drop_pg_schema(base: str, schema: str) -> None:
-    """Drop a run's schema and everything in it."""
-    engine = sa.create_engine(base, connect_args={"connect_timeout": 5})
-    with engine.begin() as conn:
-        conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-    engine.dispose()
 
 
 def postgres_facts(base: str) -> dict[str, str] | None:

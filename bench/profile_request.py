@@ -51,7 +51,8 @@ from webhook.store import events as events_table  # noqa: E402
 from webhook.store import make_engine  # noqa: E402
 from webhook.xmlparse import parse_xml  # noqa: E402
 
-from intake import DEFAULT_POSTGRES_URL, Account, PushFactory, create_pg_schema, drop_pg_schema, pg_schema_url  # noqa: E402
+from intake import DEFAULT_POSTGRES_URL, Account, PushFactory  # noqa: E402
+from pgschema import create_pg_schema, drop_pg_schema, pg_schema_url  # noqa: E402
 
 Row = tuple[str, float, float]  # stage, CPU us, wall us
 

@@ -61,6 +61,9 @@ REPO = BENCH.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.append(str(BENCH))  # last: the sibling helpers (bench/pgschema.py), never ahead of the project
+
+from pgschema import create_pg_schema, drop_pg_schema, pg_schema_url  # noqa: E402  (bench/pgschema.py)
 
 NOOP = "bench.workers.noop"  # the baseline job, imported by the RQ workers from the repo root
 DEFAULT_POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -355,21 +358,6 @@ class Dataset:
     encrypt_code: dict[str, tuple[str, str]]  # encrypt_code -> (card_id, code)
 
 
-def pg_schema_url(base: str, schema: str) -> str:
-    """The PostgreSQL URL whose connections use `schema` (the search_path trick of tests/conftest.py)."""
-    sep = "&" if "?" in base else "?"
-    return f"{base}{sep}options={urllib.parse.quote(f'-csearch_path={schema}')}"
-
-
-def pg_admin(base: str, sql: str) -> None:
-    import sqlalchemy as sa
-
-    engine = sa.create_engine(base, connect_args={"connect_timeout": 5})
-    with engine.begin() as conn:
-        conn.execute(sa.text(sql))
-    engine.dispose()
-
-
 def fill(engine: Any, fake: Any, account: Account, n: int, mp_share: float, status: str = HOLD) -> Dataset:
     """Give users `n` cards in the fake, store their pushes and receipts for `mp_share` of them."""
     import sqlalchemy as sa
@@ -463,14 +451,7 @@ def run_wxcoupon(database: str, args: argparse.Namespace, account: Account, root
     }  # fmt: skip
     if args.dispatch_batch:
         extra["WXCOUPON_DISPATCH_BATCH"] = str(args.dispatch_batch)
-    pg_schema = None
-    if database == "sqlite":
-        extra["DATABASE_URL"] = f"sqlite:///{workdir / 'wxcoupon.sqlite3'}"
-        extra["WXCOUPON_SQLITE_SYNCHRONOUS"] = args.synchronous
-    else:
-        pg_schema = f"wxbench_{secrets.token_hex(6)}"
-        pg_admin(args.postgres_url, f'CREATE SCHEMA "{pg_schema}"')
-        extra["DATABASE_URL"] = pg_schema_url(args.postgres_url, pg_schema)
+    pg_schema = use_database(args, database, workdir, extra)
     env = clean_env(**extra)
     settings = load_settings(env, dotenv=False)
     engine = None
@@ -554,8 +535,19 @@ def run_wxcoupon(database: str, args: argparse.Namespace, account: Account, root
         conn.flushdb()
         conn.close()
         if pg_schema:
-            pg_admin(args.postgres_url, f'DROP SCHEMA IF EXISTS "{pg_schema}" CASCADE')
+            drop_pg_schema(args.postgres_url, pg_schema)
 
+
+def use_database(args: argparse.Namespace, database: str, workdir: Path, extra: dict[str, str]) -> str | None:
+    """Point `extra` (the run's environment) at a fresh database; the PostgreSQL schema to drop, if any."""
+    if database == "sqlite":
+        extra["DATABASE_URL"] = f"sqlite:///{workdir / 'wxcoupon.sqlite3'}"
+        extra["WXCOUPON_SQLITE_SYNCHRONOUS"] = args.synchronous
+        return None
+    pg_schema = f"wxbench_{secrets.token_hex(6)}"
+    create_pg_schema(args.postgres_url, pg_schema)
+    extra["DATABASE_URL"] = pg_schema_url(args.postgres_url, pg_schema)
+    return pg_schema
 
 def check(engine: Any, data: Dataset, fake: Any, phase: Phase) -> None:
     """Every event processed exactly once, one card per code with both holders, every receipt matched."""
@@ -643,14 +635,7 @@ def run_profile(database: str, args: argparse.Namespace, account: Account, root:
     fake = FakeWeixin(appid=account.appid, appsecret=account.appsecret).start()
     extra = {**account.env(), "WECHAT_API_BASE": fake.url, "REDIS_URL": args.redis_url,
              "WXCOUPON_INSTANCE_PATH": str(workdir / "instance"), "WXCOUPON_JOB_BATCH": str(args.job_batch)}  # fmt: skip
-    pg_schema = None
-    if database == "sqlite":
-        extra["DATABASE_URL"] = f"sqlite:///{workdir / 'wxcoupon.sqlite3'}"
-        extra["WXCOUPON_SQLITE_SYNCHRONOUS"] = args.synchronous
-    else:
-        pg_schema = f"wxbench_{secrets.token_hex(6)}"
-        pg_admin(args.postgres_url, f'CREATE SCHEMA "{pg_schema}"')
-        extra["DATABASE_URL"] = pg_schema_url(args.postgres_url, pg_schema)
+    pg_schema = use_database(args, database, workdir, extra)
     env = clean_env(**extra)
     settings = load_settings(env, dotenv=False)
     rconn = redis.Redis.from_url(args.redis_url)
@@ -685,10 +670,11 @@ def run_profile(database: str, args: argparse.Namespace, account: Account, root:
                 fn(ids)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             rows = sum(len(b) for b in timed)
-            result = {
+            per_row = {k: v / rows for k, v in sorted(stats.items())}
+            per_job = {k: v / len(timed) for k, v in sorted(stats.items())}
+            result: dict[str, Any] = {
                 "rows": rows, "jobs": len(timed), "ms_per_row": wall * 1000 / rows, "cpu_ms_per_row": cpu * 1000 / rows,
-                "per_row": {k: v / rows for k, v in sorted(stats.items())},
-                "per_job": {k: v / len(timed) for k, v in sorted(stats.items())},
+                "per_row": per_row, "per_job": per_job,
                 "weixin_calls_per_row": (sum(fake.stats().values()) - calls0) / rows,
             }  # fmt: skip
             print(f"\n  -- {name}: {rows} rows in {len(timed)} direct calls, {result['ms_per_row']:.3f} ms/row wall, "
@@ -701,9 +687,9 @@ def run_profile(database: str, args: argparse.Namespace, account: Account, root:
                     fn(ids)
                 profiler.disable()
                 pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(args.profile_top)
-            print("     per row: " + ", ".join(f"{k} {v:.2f}" for k, v in result["per_row"].items())
+            print("     per row: " + ", ".join(f"{k} {v:.2f}" for k, v in per_row.items())
                   + f", weixin calls {result['weixin_calls_per_row']:.2f}")  # fmt: skip
-            print("     per job: " + ", ".join(f"{k} {v:.1f}" for k, v in result["per_job"].items()))
+            print("     per job: " + ", ".join(f"{k} {v:.1f}" for k, v in per_job.items()))
             if profiled:
                 print(f"     cProfile of the next {sum(len(b) for b in profiled)} rows (cumulative):")
                 print("\n".join("     " + line for line in out.getvalue().splitlines()[:args.profile_top + 12] if line.strip()))
@@ -734,7 +720,7 @@ def run_profile(database: str, args: argparse.Namespace, account: Account, root:
         rconn.flushdb()
         rconn.close()
         if pg_schema:
-            pg_admin(args.postgres_url, f'DROP SCHEMA IF EXISTS "{pg_schema}" CASCADE')
+            drop_pg_schema(args.postgres_url, pg_schema)
 
 
 # ---------------------------------------------------------------- 3. the table

@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from .envelope import OpenedPush
 from .errors import StoreUnavailableError
 from .events import Push
-from .store import EventStatus, PreparedEventInsert, insert_event, utcnow
+from .store import EventStatus, PreparedEventInsert, insert_event, sqlite_file, utcnow
 
 log = logging.getLogger("wxcoupon.webhook")
 
@@ -124,10 +124,8 @@ class WriteLock:
 
 def sqlite_write_lock(engine: Engine) -> WriteLock | None:
     """The write lock of a file-backed SQLite database; None for other databases."""
-    url = engine.url
-    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
-        return None
-    return WriteLock(Path(f"{url.database}-intake.lock"))
+    path = sqlite_file(engine)
+    return None if path is None else WriteLock(Path(f"{path}-intake.lock"))
 
 
 class _Slot:

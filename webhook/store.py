@@ -374,6 +374,23 @@ def count_by_status(conn: Connection) -> dict[str, int]:
     return {str(s): int(n) for s, n in conn.execute(stmt).all()}
 
 
+def _start_statement(ids: Sequence[int], job_id: str | None, table: Table) -> Any:
+    """The UPDATE that moves startable rows among `ids` to processing, one attempt more.
+
+    In a job, only rows queued for that job are startable; without a job, any
+    row queued, pending or failed.
+    """
+    stmt = update(table).where(table.c.id.in_(ids))
+    if job_id is not None:
+        stmt = stmt.where(table.c.status == EventStatus.QUEUED.value, table.c.job_id == job_id)
+    else:
+        startable = [EventStatus.QUEUED.value, EventStatus.PENDING.value, EventStatus.FAILED.value]
+        stmt = stmt.where(table.c.status.in_(startable))
+    return stmt.values(
+        status=EventStatus.PROCESSING.value, attempts=table.c.attempts + 1, job_id=job_id, updated_at=utcnow()
+    )
+
+
 def start_processing(conn: Connection, ids: Sequence[int], job_id: str | None, table: Table = events) -> list[int]:
     """Mark these rows processing (one attempt more); return the ids that moved.
 
@@ -383,20 +400,7 @@ def start_processing(conn: Connection, ids: Sequence[int], job_id: str | None, t
     """
     if not ids:
         return []
-    stmt = update(table).where(table.c.id.in_(ids))
-    if job_id is not None:
-        stmt = stmt.where(table.c.status == EventStatus.QUEUED.value, table.c.job_id == job_id)
-    else:
-        startable = [EventStatus.QUEUED.value, EventStatus.PENDING.value, EventStatus.FAILED.value]
-        stmt = stmt.where(table.c.status.in_(startable))
-    conn.execute(
-        stmt.values(
-            status=EventStatus.PROCESSING.value,
-            attempts=table.c.attempts + 1,
-            job_id=job_id,
-            updated_at=utcnow(),
-        )
-    )
+    conn.execute(_start_statement(ids, job_id, table))
     moved = select(table.c.id).where(table.c.id.in_(ids), table.c.status == EventStatus.PROCESSING.value)
     if job_id is not None:
         moved = moved.where(table.c.job_id == job_id)
@@ -445,15 +449,7 @@ def start_rows(conn: Connection, ids: Sequence[int], job_id: str | None, table: 
         return None
     if not ids:
         return []
-    stmt = update(table).where(table.c.id.in_(ids))
-    if job_id is not None:
-        stmt = stmt.where(table.c.status == EventStatus.QUEUED.value, table.c.job_id == job_id)
-    else:
-        startable = [EventStatus.QUEUED.value, EventStatus.PENDING.value, EventStatus.FAILED.value]
-        stmt = stmt.where(table.c.status.in_(startable))
-    stmt = stmt.values(
-        status=EventStatus.PROCESSING.value, attempts=table.c.attempts + 1, job_id=job_id, updated_at=utcnow()
-    ).returning(*table.c)
+    stmt = _start_statement(ids, job_id, table).returning(*table.c)
     rows = [dict(r) for r in conn.execute(stmt).mappings()]
     rows.sort(key=lambda r: int(r["id"]))
     return rows
@@ -471,7 +467,7 @@ def worker_writing(engine: Engine) -> Iterator[Connection]:
     worker transaction at a time. It is a POSIX record lock, which a forked
     child (RQ's scheduler) does not inherit, held by one thread per process.
     """
-    path = _sqlite_file(engine)
+    path = sqlite_file(engine)
     if path is None:
         with writing(engine) as conn:
             yield conn
@@ -495,7 +491,8 @@ def _thread_lock(path: str) -> threading.Lock:
         return _THREAD_LOCKS.setdefault(path, threading.Lock())
 
 
-def _sqlite_file(engine: Engine) -> str | None:
+def sqlite_file(engine: Engine) -> str | None:
+    """The absolute path of a file-backed SQLite database; None for any other database."""
     if engine.dialect.name != "sqlite":
         return None
     database = engine.url.database

@@ -10,12 +10,13 @@ API path and the errcode only.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 import requests
@@ -125,6 +126,18 @@ _METRIC_ERRCODES = {
 
 def _metric_errcode(errcode: int) -> int | str:
     return _METRIC_ERRCODES.get(errcode, errcode)
+
+
+@contextlib.contextmanager
+def _observed(path: str) -> Iterator[None]:
+    """Count one HTTP exchange by path and errcode, and time it (wxcoupon_weixin_api_*)."""
+    started = time.perf_counter()
+    try:
+        yield
+    except WeixinAPIError as exc:
+        metrics.observe_weixin_call(path, _metric_errcode(exc.errcode), time.perf_counter() - started)
+        raise
+    metrics.observe_weixin_call(path, 0, time.perf_counter() - started)
 
 
 def _session_for(api_base: str) -> requests.Session:
@@ -392,7 +405,8 @@ class WeixinClient:
         while True:
             token = self.get_access_token() if authenticated else None
             try:
-                return self._request(method, path, body, params, token, idempotent)
+                with _observed(path):
+                    return self._request(method, path, body, params, token, idempotent)
             except TokenError as exc:
                 if token is None or token_retried:
                     raise
@@ -416,25 +430,6 @@ class WeixinClient:
         return cap / 2 + random.uniform(0, cap / 2)
 
     def _request(
-        self,
-        method: str,
-        path: str,
-        body: Mapping[str, Any] | None,
-        params: Mapping[str, str] | None,
-        token: str | None,
-        idempotent: bool,
-    ) -> dict[str, Any]:
-        """One HTTP exchange, counted by path and errcode and timed (wxcoupon_weixin_api_*)."""
-        started = time.perf_counter()
-        try:
-            reply = self._exchange(method, path, body, params, token, idempotent)
-        except WeixinAPIError as exc:
-            metrics.observe_weixin_call(path, _metric_errcode(exc.errcode), time.perf_counter() - started)
-            raise
-        metrics.observe_weixin_call(path, 0, time.perf_counter() - started)
-        return reply
-
-    def _exchange(
         self,
         method: str,
         path: str,
