@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
 from webhook.cardstore import RecordKind, mp_records
-from webhook.store import utcnow
+from webhook.store import among, utcnow
 
 from .context import WorkerContext
 from .handlers import Handler
@@ -21,7 +21,7 @@ def load_records(conn: Connection, ids: Sequence[int]) -> list[Row]:
     """Mini Program records by id, in id order."""
     if not ids:
         return []
-    stmt = select(mp_records).where(mp_records.c.id.in_(ids)).order_by(mp_records.c.id)
+    stmt = select(mp_records).where(among(conn, mp_records.c.id, ids)).order_by(mp_records.c.id)
     return [dict(r) for r in conn.execute(stmt).mappings()]
 
 

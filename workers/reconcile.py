@@ -14,12 +14,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, bindparam, select, tuple_, update
+from sqlalchemy import and_, bindparam, select, update
 from sqlalchemy.engine import Connection
 
 from webhook import metrics
 from webhook.cardstore import STATUS_RANK, TERMINAL, CardStatus, Match, cards, mp_records
-from webhook.store import dialect_insert, utcnow
+from webhook.store import dialect_insert, insert_ignoring, pairs_among, utcnow
 
 log = logging.getLogger("wxcoupon.reconcile")
 
@@ -218,10 +218,7 @@ def apply_plans(conn: Connection, plans: Sequence[CardPlan]) -> Counter[str]:
     if missing:
         rows = [{"card_id": key[0], "code": key[1], "created_at": now, "updated_at": now,
                  **{name: merged.cards[key][name] for name in _MERGED}} for key in missing]  # fmt: skip
-        found = conn.execute(
-            _insert(conn).on_conflict_do_nothing(index_elements=["card_id", "code"]).returning(cards.c.card_id, cards.c.code),
-            rows,
-        )
+        found = insert_ignoring(conn, cards, rows, ["card_id", "code"], [cards.c.card_id, cards.c.code])
         inserted = {(str(r.card_id), str(r.code)) for r in found}
         lost = [key for key in missing if key not in inserted]
         if lost:  # another worker created some of them meanwhile: merge again from what it wrote
@@ -246,24 +243,24 @@ def apply_plans(conn: Connection, plans: Sequence[CardPlan]) -> Counter[str]:
         if waiting:
             settled = conn.execute(
                 update(mp_records)
-                .where(mp_records.c.match == Match.WAITING.value, _keys_in(mp_records, waiting))
+                .where(mp_records.c.match == Match.WAITING.value, _keys_in(conn, mp_records, waiting))
                 .values(match=match.value, updated_at=now)
             )
             outcomes[match.value] += int(settled.rowcount or 0)
     return outcomes
 
 
-def _keys_in(table: Any, keys: Sequence[tuple[str, str]]) -> Any:
+def _keys_in(conn: Connection, table: Any, keys: Sequence[tuple[str, str]]) -> Any:
     if len(keys) == 1:
         return and_(table.c.card_id == keys[0][0], table.c.code == keys[0][1])
-    return tuple_(table.c.card_id, table.c.code).in_(keys)
+    return pairs_among(conn, table.c.card_id, table.c.code, keys)
 
 
 def _select_locked(conn: Connection, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
     """The existing cards of `keys`, locked for this transaction in key order."""
     if not keys:
         return {}
-    stmt = select(cards).where(_keys_in(cards, keys)).order_by(cards.c.card_id, cards.c.code)
+    stmt = select(cards).where(_keys_in(conn, cards, keys)).order_by(cards.c.card_id, cards.c.code)
     if conn.dialect.name == "postgresql":
         stmt = stmt.with_for_update()  # SQLite already holds its write lock (BEGIN IMMEDIATE)
     return {(row["card_id"], row["code"]): dict(row) for row in conn.execute(stmt).mappings()}
