@@ -1,0 +1,65 @@
+"""The batch statement helpers give the same rows on SQLite and PostgreSQL, for any batch size."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+import webhook.cardstore  # noqa: F401  (registers its tables)
+import webhook.members  # noqa: F401  (likewise)
+from webhook import schema
+from webhook.cardstore import cards
+from webhook.store import among, insert_ignoring, pairs_among, utcnow
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(database_url)
+    schema.upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+def _card(card_id: str, code: str, **values: object) -> dict[str, object]:
+    now = utcnow()
+    row: dict[str, object] = {"card_id": card_id, "code": code, "created_at": now, "updated_at": now,
+                              "status": None, "status_time": None, "oa_openid": None}  # fmt: skip
+    row.update(values)
+    return row
+
+
+@pytest.mark.parametrize("count", [1, 50, 51, 400])
+def test_insert_ignoring_returns_only_new_rows_and_keeps_the_old(engine: sa.Engine, count: int) -> None:
+    """Rows already there are left as they were and not returned; every value of a new row is stored."""
+    with engine.begin() as conn:
+        insert_ignoring(conn, cards, [_card("pA", "0", oa_openid="first")], ["card_id", "code"], [cards.c.code])
+    rows = [_card("pA", str(i), status="received", status_time=1700000000 + i, oa_openid=f"o{i}") for i in range(count)]
+    with engine.begin() as conn:
+        found = insert_ignoring(conn, cards, rows, ["card_id", "code"], [cards.c.card_id, cards.c.code])
+        inserted = {(r.card_id, r.code) for r in found}
+    assert inserted == {("pA", str(i)) for i in range(1, count)}
+    with engine.connect() as conn:
+        stored = {r.code: r for r in conn.execute(sa.select(cards))}
+    assert stored["0"].oa_openid == "first" and stored["0"].status is None
+    for i in range(1, count):
+        assert (stored[str(i)].status, stored[str(i)].status_time, stored[str(i)].oa_openid) == (
+            "received", 1700000000 + i, f"o{i}")  # fmt: skip
+
+
+@pytest.mark.parametrize("count", [0, 1, 50, 51, 400])
+def test_among_and_pairs_among_select_exactly_the_listed_rows(engine: sa.Engine, count: int) -> None:
+    """`among` (ids) and `pairs_among` (card_id, code) match IN semantics, empty lists included."""
+    with engine.begin() as conn:
+        insert_ignoring(conn, cards, [_card("pB", str(i)) for i in range(600)], ["card_id", "code"], [cards.c.id])
+        ids = [int(i) for i in conn.execute(sa.select(cards.c.id).order_by(cards.c.id)).scalars()]
+    wanted_ids = ids[::7][:count]
+    wanted_pairs = [("pB", str(i)) for i in range(0, 3 * count, 3)] + [("pB", "no-such-code"), ("pZ", "1")]
+    with engine.connect() as conn:
+        by_id = conn.execute(sa.select(cards.c.id).where(among(conn, cards.c.id, wanted_ids))).scalars().all()
+        by_pair = conn.execute(
+            sa.select(cards.c.card_id, cards.c.code).where(pairs_among(conn, cards.c.card_id, cards.c.code, wanted_pairs))
+        ).all()
+    assert sorted(by_id) == sorted(wanted_ids)
+    stored = {("pB", str(i)) for i in range(600)}
+    assert sorted((r.card_id, r.code) for r in by_pair) == sorted(p for p in wanted_pairs if p in stored)
