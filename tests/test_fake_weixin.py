@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -215,6 +218,71 @@ def test_latency_and_dropped_connections(fake_weixin: FakeWeixin) -> None:
         requests.post(f"{fake_weixin.url}/card/code/get", json={"code": "1"}, timeout=5)
     fake_weixin.inject_fault("/card/code/get", http_status=503)
     assert requests.post(f"{fake_weixin.url}/card/code/get", json={"code": "1"}, timeout=5).status_code == 503
+
+
+def test_connections_are_kept_alive(fake_weixin: FakeWeixin) -> None:
+    """HTTP/1.1 keep-alive: two calls are answered on one connection, which stays open."""
+    connection = http.client.HTTPConnection("127.0.0.1", fake_weixin.port, timeout=5)
+    try:
+        answers = []
+        for _ in range(2):
+            connection.request("POST", "/card/code/get", body=b'{"code": "1"}')
+            answer = connection.getresponse()
+            answers.append((answer.status, json.loads(answer.read())["errcode"], answer.will_close))
+            if len(answers) == 1:
+                first_socket = connection.sock
+        assert first_socket is not None and connection.sock is first_socket  # not reconnected
+    finally:
+        connection.close()
+    assert answers == [(200, 41001, False), (200, 41001, False)]  # access_token missing, connection kept
+    assert fake_weixin.calls("/card/code/get") == 2
+
+
+def test_dropped_connection_on_a_kept_alive_connection(fake_weixin: FakeWeixin) -> None:
+    """A drop fault cuts the pooled connection itself: no reply, a connection error; the next call reconnects."""
+    with requests.Session() as session:
+        assert session.post(f"{fake_weixin.url}/card/code/get", json={"code": "1"}, timeout=5).status_code == 200
+        fake_weixin.inject_fault("/card/code/get", drop=True)
+        with pytest.raises(requests.ConnectionError) as caught:
+            session.post(f"{fake_weixin.url}/card/code/get", json={"code": "1"}, timeout=5)
+        assert "RemoteDisconnected" in repr(caught.value) or "reset" in repr(caught.value).lower()
+        assert session.post(f"{fake_weixin.url}/card/code/get", json={"code": "1"}, timeout=5).status_code == 200
+    assert fake_weixin.calls("/card/code/get") == 3  # the dropped call reached the fake once
+
+
+def test_stop_releases_the_port_and_closes_kept_alive_connections() -> None:
+    """stop(): an idle kept-alive connection is closed and the port refuses new ones."""
+    fake = FakeWeixin().start()
+    port = fake.port
+    idle = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        idle.request("GET", "/sandbox/stats")
+        assert idle.getresponse().read()
+        assert idle.sock is not None
+        fake.stop()
+        assert idle.sock.recv(1) == b""  # the server closed it
+    finally:
+        idle.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_a_taken_port_fails_at_start(fake_weixin: FakeWeixin) -> None:
+    """Starting a second fake on a port in use raises OSError (the command reports it), leaving no threads."""
+    threads = threading.active_count()
+    with pytest.raises(OSError):
+        FakeWeixin(port=fake_weixin.port).start()
+    assert threading.active_count() == threads
+
+
+def test_foreground_fake_logs_each_request_without_the_query(caplog: pytest.LogCaptureFixture) -> None:
+    """quiet=False (the fake-weixin command) logs method, path and status, never the access_token."""
+    caplog.set_level(logging.INFO, logger="workers.fake_weixin")
+    with FakeWeixin(quiet=False) as fake:
+        token = token_for(fake)
+        call(fake, "card/code/get", token, {"code": "1"})
+    assert "POST /card/code/get 200" in caplog.text
+    assert token not in caplog.text
 
 
 def test_reset_forgets_everything(fake_weixin: FakeWeixin) -> None:

@@ -9,11 +9,13 @@ import time
 import traceback
 from urllib.parse import parse_qs, urlsplit
 
+import psutil
 import pytest
 import redis
 import requests
 
 from tests.weixin_fixtures import make_weixin_client
+from webhook import weixin_api
 from webhook.config import ConfigError, Settings
 from workers.fake_weixin import FakeWeixin
 from webhook.weixin_api import (
@@ -277,6 +279,62 @@ def test_expired_token_in_cache_is_refreshed(fake_weixin: FakeWeixin, weixin_cli
     fake_weixin.state.clock = lambda: real_clock() + 7201  # Weixin's clock moves past the expiry
     assert weixin_client.decrypt_code(added["encrypt_code"]) == added["code"]
     assert fake_weixin.calls("/cgi-bin/stable_token") == 2
+
+
+def test_token_is_kept_in_process_for_a_few_seconds(
+    fake_weixin: FakeWeixin, weixin_client: WeixinClient, redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Calls reuse the token read from Redis without reading it again, until LOCAL_CACHE_SECONDS pass."""
+    monkeypatch.setattr(weixin_api, "LOCAL_CACHE_SECONDS", 0.3)
+    added = fake_weixin.add_card("pCardLocal", "oUser")
+    weixin_client.decrypt_code(added["encrypt_code"])
+    redis_client.delete(weixin_client.access_token_key)
+    assert weixin_client.decrypt_code(added["encrypt_code"]) == added["code"]  # the process's copy
+    assert fake_weixin.calls("/cgi-bin/stable_token") == 1
+    time.sleep(0.4)
+    assert weixin_client.decrypt_code(added["encrypt_code"]) == added["code"]  # copy due: Redis is empty
+    assert fake_weixin.calls("/cgi-bin/stable_token") == 2
+
+
+def test_token_copy_never_outlives_the_redis_key(fake_weixin: FakeWeixin, redis_client: redis.Redis) -> None:
+    """A token read from Redis just before its key expires is not used past that expiry."""
+    first = make_weixin_client(fake_weixin, redis_client)
+    token = first.get_access_token()
+    redis_client.set(first.access_token_key, token, px=200)  # as if it were about to expire
+    second = make_weixin_client(fake_weixin, redis.Redis(connection_pool=redis_client.connection_pool))
+    assert second.get_access_token() == token
+    time.sleep(0.3)
+    assert second.get_access_token() == token  # stable_token repeats it, but it had to be fetched again
+    assert fake_weixin.calls("/cgi-bin/stable_token") == 2
+
+
+def test_token_replaced_by_another_process_is_picked_up_after_one_refusal(
+    fake_weixin: FakeWeixin, weixin_client: WeixinClient, redis_client: redis.Redis,
+) -> None:
+    """Another process refreshed the token meanwhile: this client's copy is refused once, then Redis has the new one."""
+    added = fake_weixin.add_card("pCardReplaced", "oUser")
+    old = weixin_client.get_access_token()
+    new = requests.post(f"{fake_weixin.url}/cgi-bin/stable_token", json={
+        "grant_type": "client_credential", "appid": fake_weixin.appid, "secret": fake_weixin.appsecret,
+        "force_refresh": True,
+    }, timeout=5).json()["access_token"]
+    redis_client.set(weixin_client.access_token_key, new, ex=600)  # what the other process stored
+    assert new != old
+    assert weixin_client.decrypt_code(added["encrypt_code"]) == added["code"]
+    assert fake_weixin.calls("/card/code/decrypt") == 2  # the stale copy's 40001, then the retry
+    assert fake_weixin.calls("/cgi-bin/stable_token") == 2  # no fetch of our own: Redis had it
+    assert weixin_client.get_access_token() == new
+
+
+def test_calls_reuse_one_connection(fake_weixin: FakeWeixin, weixin_client: WeixinClient) -> None:
+    """Sequential calls go over one kept-alive connection to the fake, not one connection each."""
+    added = fake_weixin.add_card("pCardKeepAlive", "oUser")
+    for _ in range(5):
+        assert weixin_client.decrypt_code(added["encrypt_code"]) == added["code"]
+    connected = [conn for conn in psutil.Process().net_connections(kind="tcp")
+                 if conn.raddr and conn.raddr.port == fake_weixin.port and conn.status == psutil.CONN_ESTABLISHED]
+    assert len(connected) == 1
 
 
 # -- transient failures, quota, timeouts ------------------------------------------------

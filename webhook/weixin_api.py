@@ -3,8 +3,12 @@
 The access_token and the `wx_card` api_ticket live in Redis so every process of
 the service shares them; a Redis lock makes sure only one process refreshes
 them at a time (several refreshers would invalidate each other's tokens and
-cause 40001 "not latest"). Every HTTP call has a timeout; calls that change
-state on Weixin's side are never retried once the request may have been sent.
+cause 40001 "not latest"). Each client also keeps what it read for a few
+seconds (never past the Redis key's expiry), so a busy worker does not pay a
+Redis round trip per call; a token replaced meanwhile by another process is
+refused by Weixin (40001), and the one refresh that follows reads Redis first.
+Every HTTP call has a timeout; calls that change state on Weixin's side are
+never retried once the request may have been sent.
 Nothing secret is logged or put into an exception message: log lines carry the
 API path and the errcode only.
 """
@@ -36,6 +40,7 @@ DEFAULT_BACKOFF_BASE = 0.2  # seconds before the 2nd try; doubles each try
 DEFAULT_BACKOFF_MAX = 2.0  # cap of one backoff sleep
 DEFAULT_KEY_PREFIX = "wxcoupon:weixin"  # Redis keys: <prefix>:<appid>:...
 TOKEN_EXPIRY_MARGIN = 300  # cache a credential this much shorter than expires_in
+LOCAL_CACHE_SECONDS = 10.0  # a client reuses a credential read from Redis this long at most
 DEFAULT_EXPIRES_IN = 7200  # what Weixin grants when a reply omits expires_in
 
 # errcodes this client makes up for failures that have no Weixin errcode.
@@ -195,6 +200,8 @@ class WeixinClient:
         self.token_endpoint: TokenEndpoint = token_endpoint
         self._prefix = f"{key_prefix}:{appid}"
         self._sleep = sleep
+        # Redis key -> (credential, time.monotonic() after which it must be read again).
+        self._local: dict[str, tuple[str, float]] = {}
         # A refresher may spend every attempt on connect + read timeouts and the
         # backoffs between them; the lock must outlive that, and waiters wait as long.
         self.lock_timeout = retry_attempts * (2 * timeout + backoff_max) + 5.0
@@ -259,11 +266,16 @@ class WeixinClient:
         return self._field(data, "ticket", "cgi-bin/ticket/getticket"), self._expires_in(data)
 
     def _cached(self, key: str, fetch: Callable[[], tuple[str, int]], failed: str | None = None) -> str:
-        """Read a credential from Redis, refreshing it under the lock when needed.
+        """A credential from this client's short-lived copy, else Redis, refreshing it under the lock when needed.
 
-        With `failed`, the cached value is only replaced while it is still the
-        one that failed: another process may have refreshed it already.
+        With `failed`, the copy is skipped and the value in Redis is only
+        replaced while it is still the one that failed: another process may
+        have refreshed it already.
         """
+        if failed is None:
+            local = self._local.get(key)
+            if local is not None and time.monotonic() < local[1]:
+                return local[0]
         value = self._get(key)
         if value is not None and value != failed:
             return value
@@ -287,6 +299,7 @@ class WeixinClient:
                 metrics.count_token_refresh("ok")
             ttl = max(1, expires_in - min(TOKEN_EXPIRY_MARGIN, expires_in // 4))
             self._redis.set(key, value, ex=ttl)
+            self._keep(key, value, ttl * 1000)
             log.info("weixin credential %s refreshed (expires_in=%d)", key.rsplit(":", 1)[-1], expires_in)
             return value
         finally:
@@ -296,10 +309,22 @@ class WeixinClient:
                 log.warning("weixin credential lock %s expired before release", key.rsplit(":", 1)[-1])
 
     def _get(self, key: str) -> str | None:
-        raw = self._redis.get(key)
+        """The credential in Redis (None when there is none), kept locally until it is due again."""
+        self._local.pop(key, None)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.get(key)
+        pipe.pttl(key)
+        raw, ttl_ms = pipe.execute()
         if raw is None:
             return None
-        return raw.decode() if isinstance(raw, bytes) else str(raw)
+        value = raw.decode() if isinstance(raw, bytes) else str(raw)
+        self._keep(key, value, ttl_ms)
+        return value
+
+    def _keep(self, key: str, value: str, ttl_ms: int) -> None:
+        """Remember `value` for LOCAL_CACHE_SECONDS, or less if Redis drops it sooner."""
+        if ttl_ms > 0:  # -1: no expiry set (put there by hand); -2: gone since the GET
+            self._local[key] = (value, time.monotonic() + min(LOCAL_CACHE_SECONDS, ttl_ms / 1000))
 
     @staticmethod
     def _expires_in(data: Mapping[str, Any]) -> int:

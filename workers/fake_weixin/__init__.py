@@ -13,11 +13,8 @@ matching events to the merchant's server, signed and encrypted in safe mode.
 from __future__ import annotations
 
 import logging
-import threading
 from types import TracebackType
 from typing import Any
-
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from .app import create_app, make_fault, run_sandbox_action
 from .pushes import DEFAULT_RETRY_DELAY, DEFAULT_TIMEOUT, DEFAULT_TRIES, Pusher
@@ -28,6 +25,7 @@ from .state import (
     FakeState,
     WeixinFailure,
 )
+from .server import ServerThread
 
 __all__ = ["FakeWeixin", "FakeWeixinError", "DEFAULT_APPID", "DEFAULT_APPSECRET"]
 
@@ -42,13 +40,6 @@ class FakeWeixinError(Exception):
         super().__init__(f"errcode {errcode}: {errmsg}")
         self.errcode = errcode
         self.errmsg = errmsg
-
-
-class _QuietHandler(WSGIRequestHandler):
-    """Request handler that does not log every request (tests run thousands)."""
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass
 
 
 class FakeWeixin:
@@ -91,8 +82,7 @@ class FakeWeixin:
         self._host = host
         self._port = port
         self._quiet = quiet
-        self._server: BaseWSGIServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: ServerThread | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -101,15 +91,10 @@ class FakeWeixin:
         if self._server is not None:
             return self
         app = create_app(self.state, self.pusher)
-        handler = _QuietHandler if self._quiet else WSGIRequestHandler
-        self._server = make_server(self._host, self._port, app, threaded=True, request_handler=handler)
+        # Tests run thousands of requests: only the foreground server logs each one.
+        self._server = ServerThread(app, self._host, self._port, access_log=not self._quiet).start()
         if self.pusher is not None:
             self.pusher.start()
-        # A short poll interval makes stop() quick (tests start and stop one per test).
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-weixin", daemon=True,
-        )
-        self._thread.start()
         if not self._quiet:
             logging.getLogger(__name__).info("fake weixin listening on %s", self.url)
         return self
@@ -117,12 +102,8 @@ class FakeWeixin:
     def stop(self) -> None:
         """Stop serving and pushing; the port is released."""
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.stop()
             self._server = None
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
         if self.pusher is not None:
             self.pusher.stop()
 
@@ -139,7 +120,7 @@ class FakeWeixin:
         """The port it listens on (known once started)."""
         if self._server is None:
             raise RuntimeError("FakeWeixin is not started")
-        return int(self._server.server_port)
+        return self._server.port
 
     @property
     def url(self) -> str:

@@ -6,7 +6,6 @@ Sandbox paths answer 400 with an errcode when a request cannot be applied.
 from __future__ import annotations
 
 import secrets
-import socket
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 
 from .pushes import Pusher
+from .server import DROP_CONNECTION_KEY
 from .state import Fault, FakeState, PushEvent, WeixinFailure, form_info
 
 ApiHandler = Callable[[dict[str, Any]], dict[str, Any]]
@@ -35,13 +35,12 @@ def _json_body() -> dict[str, Any]:
 def _drop_connection() -> Response:
     """Close the connection without any reply, as a broken network path would."""
     request.get_data()  # read the request fully: the client must have sent it all
-    sock = request.environ.get("werkzeug.socket")
-    if isinstance(sock, socket.socket):
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-    # Writing this reply fails with a broken pipe, which werkzeug ignores.
+    drop = request.environ.get(DROP_CONNECTION_KEY)
+    if not callable(drop):
+        # Another WSGI server: a reply would tell the client something, so fail loudly.
+        raise RuntimeError("dropped-connection faults need the fake's own server (workers.fake_weixin.server)")
+    drop()
+    # The server finds the connection shut and never writes this reply.
     return Response(b"", status=200)
 
 
