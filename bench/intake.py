@@ -52,7 +52,7 @@ import sqlalchemy as sa  # noqa: E402
 from webhook.config import decode_aes_key, load_settings  # noqa: E402
 from webhook.envelope import seal_push  # noqa: E402
 from webhook.events import sample_fields  # noqa: E402
-from workers.cli.service import DEFAULT_WEB_THREADS  # noqa: E402
+from workers.cli.service import DEFAULT_WEB_THREADS, DEFAULT_WEB_WORKER_CLASS, WORKER_CLASSES  # noqa: E402
 
 import loadgen  # noqa: E402  (bench/loadgen.py)
 from pgschema import create_pg_schema, drop_pg_schema, pg_schema_url  # noqa: E402  (bench/pgschema.py)
@@ -391,17 +391,18 @@ class Bench:
 
     # -- servers
 
-    def run_bare(self, threads: int) -> RunReport:
+    def run_bare(self, threads: int, worker_class: str) -> RunReport:
         """The baseline: bench/bare_app.py under wxcoupon's gunicorn settings, with `threads` per worker."""
         port = free_port()
-        label = "bare Flask app" if threads == self.args.web_threads else f"bare Flask app, {describe_workers(1)}"
-        workdir = self.tmp_root / f"bare-{threads}"
+        same = (threads, worker_class) == (self.args.web_threads, self.args.worker_class)
+        label = "bare Flask app" if same else f"bare Flask app, {describe_workers(threads, worker_class)}"
+        workdir = self.tmp_root / f"bare-{worker_class}-{threads}"
         workdir.mkdir()
         argv = [sys.executable, str(BENCH / "bare_app.py"), "--host", "127.0.0.1", "--port", str(port),
-                "--workers", str(self.args.workers), "--threads", str(threads)]  # fmt: skip
+                "--workers", str(self.args.workers), "--threads", str(threads), "--worker-class", worker_class]  # fmt: skip
         server = Server("bare app", argv, clean_env(), workdir, workdir / "server.log", port)
-        print(f"\n== bare Flask app (bench/bare_app.py), {self.args.workers} gunicorn {describe_workers(threads)}",
-              flush=True)  # fmt: skip
+        print(f"\n== bare Flask app (bench/bare_app.py), {self.args.workers} gunicorn "
+              f"{describe_workers(threads, worker_class)}", flush=True)  # fmt: skip
         server.start()
         try:
             return self.measure(server, label, wrap=True)
@@ -439,7 +440,8 @@ class Bench:
             print(f"  wxcoupon db upgrade: {upgrade.stdout.strip()}", flush=True)
             port = free_port()
             argv = [sys.executable, "-m", "workers", "serve", "--host", "127.0.0.1", "--port", str(port),
-                    "--workers", str(self.args.workers), "--threads", str(self.args.web_threads)]  # fmt: skip
+                    "--workers", str(self.args.workers), "--threads", str(self.args.web_threads),
+                    "--worker-class", self.args.worker_class]  # fmt: skip
             server = Server(config.label, argv, env, workdir, workdir / "server.log", port)
             server.start()
             try:
@@ -550,8 +552,10 @@ def _cost(rep: RunReport) -> float | None:
     return rep.cpu_ms_per_request + (rep.client_cpu_ms_per_request or 0.0) + (rep.db_cpu_ms_per_request or 0.0)
 
 
-def describe_workers(threads: int) -> str:
-    """gunicorn's worker kind for `threads` per worker, as `wxcoupon serve` picks it."""
+def describe_workers(threads: int, worker_class: str = "sync") -> str:
+    """gunicorn's worker kind for `threads` per worker and the worker class, as `wxcoupon serve` picks it."""
+    if worker_class == "gevent":
+        return "gevent workers"
     return f"gthread workers x {threads} threads" if threads > 1 else "sync workers"
 
 
@@ -560,7 +564,7 @@ def print_summary(bare: RunReport | None, reports: list[RunReport], args: argpar
     """The table at the end, and the durability verdicts."""
     print("\n" + "=" * 120)
     mode = f"{args.requests} requests" if args.requests else f"{args.duration:g}s"
-    print(f"SUMMARY: {args.connections} connections, {args.workers} gunicorn {describe_workers(args.web_threads)} "
+    print(f"SUMMARY: {args.connections} connections, {args.workers} gunicorn {describe_workers(args.web_threads, args.worker_class)} "
           f"(both apps), {mode} per server after {args.warmup:g}s warm-up, loopback, {os.cpu_count()} CPUs")  # fmt: skip
     header = (f"{'server':<24} {'req/s':>8} {'events/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>8} "
               f"{'ratio':>6} {'CPU ms/req':>10} {'CPU ratio':>9} {'other%':>6} {'rows=200s':>10} "
@@ -648,6 +652,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--web-threads", type=int, default=DEFAULT_WEB_THREADS,
                    help=f"threads per gunicorn worker for both apps, 1 for sync workers (default {DEFAULT_WEB_THREADS}, "
                         "as `wxcoupon serve`)")  # fmt: skip
+    p.add_argument("--worker-class", choices=WORKER_CLASSES, default=DEFAULT_WEB_WORKER_CLASS,
+                   help="gunicorn worker class for both apps: sync (gthread with --web-threads) or gevent "
+                        f"(default {DEFAULT_WEB_WORKER_CLASS}, as `wxcoupon serve`)")  # fmt: skip
     p.add_argument("--database", default="sqlite", help="sqlite, postgres, or both comma-separated (default sqlite)")
     p.add_argument("--synchronous", default="FULL", type=str.upper, choices=["FULL", "NORMAL", "BOTH"],
                    help="SQLite PRAGMA synchronous: FULL (default), NORMAL, or both")  # fmt: skip
@@ -723,9 +730,9 @@ def main(argv: list[str] | None = None) -> int:
     reports: list[RunReport] = []
     try:
         if not args.no_bare:
-            bare = bench.run_bare(args.web_threads)
-            if args.web_threads > 1:
-                bare_sync = bench.run_bare(1)  # the baseline before threads, for comparison
+            bare = bench.run_bare(args.web_threads, args.worker_class)
+            if args.web_threads > 1 or args.worker_class != "sync":
+                bare_sync = bench.run_bare(1, "sync")  # the default workers' baseline, for comparison
         for config in configs:
             reports.append(bench.run_wxcoupon(config, bare))
     finally:

@@ -8,11 +8,16 @@ import os
 bind = os.environ.get("WXCOUPON_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # Sync workers: the handler is short and CPU-bound; nginx buffers slow clients.
-# WXCOUPON_WEB_THREADS > 1 runs gthread workers, whose requests in flight
-# together share one transaction and its fsync (webhook/intake.py): better on
-# PostgreSQL or slow disks (see workers/cli/service.py, DEFAULT_WEB_THREADS).
+# WXCOUPON_WEB_WORKER_CLASS=gevent serves many pushes at once per worker, and
+# those in flight together share one transaction and its fsync
+# (webhook/intake.py): about 1.8x the throughput, a longer p99 (bench/README.md).
+# WXCOUPON_WEB_THREADS > 1 runs gthread workers instead (see workers/cli/service.py).
 threads = int(os.environ.get("WXCOUPON_WEB_THREADS", "1"))
-worker_class = "gthread" if threads > 1 else "sync"
+if os.environ.get("WXCOUPON_WEB_WORKER_CLASS", "sync").strip().lower() == "gevent":
+    worker_class = "gevent"
+    worker_connections = 256
+else:
+    worker_class = "gthread" if threads > 1 else "sync"
 timeout = 10  # Weixin gives up after 5 s; a request alive at 10 s is stuck
 graceful_timeout = 20  # supervisord's stopwaitsecs for web is 30
 keepalive = 5  # nginx keeps upstream connections open (keepalive 16)

@@ -242,9 +242,10 @@ def test_postgres_connection_killed_between_pushes_is_replaced(settings: Setting
     assert len(stored_keys(engine)) == 2
 
 
-def test_threaded_server_commits_every_push_it_acknowledges(settings: Settings, tmp_path: Path) -> None:
-    """`wxcoupon serve --threads 8` (gthread, group commit), 40 distinct pushes sent 3 times each at once:
-    every answer is success and each push is exactly one committed row."""
+@pytest.mark.parametrize("mode", [["--threads", "8"], ["--worker-class", "gevent"]], ids=["gthread", "gevent"])
+def test_concurrent_server_commits_every_push_it_acknowledges(settings: Settings, tmp_path: Path, mode: list[str]) -> None:
+    """`wxcoupon serve` with requests overlapping in a process (gthread threads or gevent; group commit),
+    40 distinct pushes sent 3 times each at once: every answer is success and each push is exactly one row."""
     import requests
 
     from . import procs
@@ -252,7 +253,7 @@ def test_threaded_server_commits_every_push_it_acknowledges(settings: Settings, 
     env = procs.settings_env(settings)
     port = procs.free_port()
     log = tmp_path / "serve.log"
-    proc = procs.start(["serve", "--port", str(port), "--workers", "2", "--threads", "8"], env, log)
+    proc = procs.start(["serve", "--port", str(port), "--workers", "2", *mode], env, log)
     url = f"http://127.0.0.1:{port}/wechat"
     try:
         procs.wait_http(f"http://127.0.0.1:{port}/healthz", proc, log)
@@ -264,12 +265,38 @@ def test_threaded_server_commits_every_push_it_acknowledges(settings: Settings, 
 
         with ThreadPoolExecutor(24) as pool:
             answers = list(pool.map(fire, pushes * 3))
+        metrics_text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     finally:
         procs.stop(proc)
     assert answers == [(200, "success")] * 120
-    assert "Using worker: gthread" in log.read_text()
+    assert f"Using worker: {'gevent' if 'gevent' in mode else 'gthread'}" in log.read_text()
+    # Every push went through a transaction (a duplicate too: its insert did nothing), however grouped.
+    batched = {line.split()[0]: float(line.split()[1]) for line in metrics_text.splitlines()
+               if line.startswith("wxcoupon_intake_batch_rows_")}  # fmt: skip
+    assert batched["wxcoupon_intake_batch_rows_sum"] == 120
+    assert 1 <= batched["wxcoupon_intake_batch_rows_count"] <= 120
     engine = make_engine(settings)
     with engine.connect() as conn:
         codes = sorted(conn.execute(sa.select(events.c.code)).scalars())
     engine.dispose()
     assert codes == sorted(f"{710000000000 + i}" for i in range(40))
+
+
+def test_serve_worker_class_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve`'s worker class: sync by default, gthread with threads, gevent on request; bad values are named."""
+    import click
+
+    from workers.cli.service import gunicorn_options, web_worker_class
+
+    monkeypatch.delenv("WXCOUPON_WEB_WORKER_CLASS", raising=False)
+    assert web_worker_class() == "sync"
+    monkeypatch.setenv("WXCOUPON_WEB_WORKER_CLASS", " GEVENT ")
+    assert web_worker_class() == "gevent"
+    monkeypatch.setenv("WXCOUPON_WEB_WORKER_CLASS", "eventlet")
+    with pytest.raises(click.ClickException, match="WXCOUPON_WEB_WORKER_CLASS"):
+        web_worker_class()
+    assert gunicorn_options("127.0.0.1", 8000, 2, False)["worker_class"] == "sync"
+    assert gunicorn_options("127.0.0.1", 8000, 2, False, threads=8)["worker_class"] == "gthread"
+    assert gunicorn_options("127.0.0.1", 8000, 2, False, worker_class="gevent")["worker_class"] == "gevent"
+    with pytest.raises(click.ClickException, match="gevent workers take no threads"):
+        gunicorn_options("127.0.0.1", 8000, 2, False, threads=8, worker_class="gevent")

@@ -3,7 +3,8 @@
 `EventWriter` is the push path's only writer in a process. Each request hands
 it its row and is answered only once that row is committed; requests that
 arrive while a transaction is running are committed together in the next one
-(group commit: one fsync for the batch instead of one per push). With one
+(group commit: one fsync for the batch instead of one per push): requests
+overlap in a process under gevent workers (or gthread's threads). With one
 request at a time it is simply one transaction per push. On SQLite the web
 processes also take turns through a file lock before BEGIN, instead of
 SQLite's busy handler, which sleeps for whole milliseconds at a time.
@@ -15,6 +16,7 @@ import errno
 import fcntl
 import logging
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from . import metrics
 from .envelope import OpenedPush
 from .errors import StoreUnavailableError
 from .events import Push
@@ -43,6 +46,12 @@ IDLE_RECYCLE_SECONDS = 60.0
 # well under a millisecond), then back off.
 _LOCK_SLEEP_FIRST = 0.0002
 _LOCK_SLEEP_MAX = 0.002
+
+
+def _gevent_patched() -> bool:
+    """True in a process whose threading gevent has monkey-patched (gunicorn's gevent workers)."""
+    monkey = sys.modules.get("gevent.monkey")
+    return bool(monkey is not None and monkey.is_module_patched("threading"))
 
 
 def event_row(push: Push, opened: OpenedPush) -> dict[str, Any]:
@@ -170,6 +179,7 @@ class EventWriter:
         self._leading = False
         self._conn: Any = None  # the pool connection only the leader uses
         self._used_at = 0.0
+        self._cooperative = _gevent_patched()
 
     def write(self, row: dict[str, Any]) -> int | None:
         """Commit one event row; its id, or None when the dedupe key was stored already.
@@ -185,6 +195,10 @@ class EventWriter:
             self._wait(slot)
             if not slot.lead:
                 return slot.outcome()
+        elif self._cooperative:
+            # Under gevent the other requests of this process run only when this
+            # one yields: let those ready get their rows into this transaction.
+            time.sleep(0)
         try:
             self._commit_waiting()
         finally:
@@ -232,6 +246,7 @@ class EventWriter:
             log.exception("event insert failed")
             self._fail(batch, exc)
         else:
+            metrics.observe_intake_batch(len(batch))
             for slot, event_id in zip(batch, ids):
                 slot.event_id = event_id
         finally:

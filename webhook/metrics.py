@@ -28,6 +28,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 ACK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0)
 JOB_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180.0)
 API_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
+# Rows per intake transaction: 1 with sync workers, more when requests overlap (group commit).
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 # Label values come from authenticated pushes and our own code, but are still
 # bounded: anything unexpected is counted as "other".
 _LABEL_RE = re.compile(r"^[A-Za-z0-9_./:-]{1,64}$")
@@ -58,6 +60,8 @@ class Metrics:
         self.rejections = Counter("wxcoupon_push_rejections", "Pushes refused, by reason.", ["reason"], registry=r)
         self.ack_seconds = Histogram("wxcoupon_push_ack_seconds", "Time from request to `success` (after the "
                                      "commit).", buckets=ACK_BUCKETS, registry=r)
+        self.intake_batch = Histogram("wxcoupon_intake_batch_rows", "Push rows committed per intake transaction "
+                                      "(group commit).", buckets=BATCH_BUCKETS, registry=r)
         self.job_seconds = Histogram("wxcoupon_job_duration_seconds", "RQ job run time, by job and outcome.",
                                      ["job", "outcome"], buckets=JOB_BUCKETS, registry=r)
         self.weixin_calls = Counter("wxcoupon_weixin_api_calls", "Weixin API calls, by API path and errcode "
@@ -107,6 +111,12 @@ def count_rejection(reason: str) -> None:
 def observe_ack(seconds: float) -> None:
     """How long a push took from request to `success`."""
     metrics().ack_seconds.observe(seconds)
+
+
+@_never_raise
+def observe_intake_batch(rows: int) -> None:
+    """How many push rows one intake transaction committed."""
+    metrics().intake_batch.observe(rows)
 
 
 @_never_raise

@@ -22,13 +22,20 @@ from .common import settings_or_exit
 DEFAULT_WEB_WORKERS = 2
 # Threads per process; 1 means gunicorn's sync worker, more its gthread worker.
 # With threads, pushes in flight together in one process share a transaction
-# and its fsync (webhook.intake.EventWriter). Measured on 2 CPUs (bench/intake.py):
-# sync workers take in more on SQLite, with a p99 about half as long, because
-# the handler is CPU-bound and threads contend for the GIL; 16 threads took in
-# ~25% more on PostgreSQL, where each commit waits on the network and the
-# server's WAL flush. So sync by default; WXCOUPON_WEB_THREADS=16 for PostgreSQL
-# or disks whose fsync is slow.
+# and its fsync (webhook.intake.EventWriter), but the handler is CPU-bound and
+# threads contend for the GIL: measured on 2 CPUs (bench/intake.py), 4 threads
+# cost ~1.5x the CPU per push of sync workers and took in fewer pushes. gevent
+# (below) gets the group commit without that cost.
 DEFAULT_WEB_THREADS = 1
+# gunicorn worker class: sync (with threads: gthread) or gevent. gevent serves
+# many pushes at once per process without threads contending for the GIL, and
+# they share transactions and fsyncs: on 2 CPUs it took in ~1.8x the pushes of
+# sync workers, with a p99 ~1.5-2x as long (bench/README.md), so sync stays the
+# default. Optional: pip install 'wxcoupon[gevent]'.
+WORKER_CLASSES = ("sync", "gevent")
+DEFAULT_WEB_WORKER_CLASS = "sync"
+# Connections one gevent worker serves at once (gunicorn's worker_connections).
+GEVENT_CONNECTIONS = 256
 # Weixin gives up after 5 s; a request still running at 10 s is stuck.
 WEB_TIMEOUT = 10
 
@@ -62,15 +69,38 @@ def web_threads() -> int:
     return int(raw)
 
 
+def web_worker_class() -> str:
+    """The web worker class: WXCOUPON_WEB_WORKER_CLASS, else DEFAULT_WEB_WORKER_CLASS."""
+    raw = os.environ.get("WXCOUPON_WEB_WORKER_CLASS", "").strip().lower() or DEFAULT_WEB_WORKER_CLASS
+    if raw not in WORKER_CLASSES:
+        raise click.ClickException(f"WXCOUPON_WEB_WORKER_CLASS must be one of {', '.join(WORKER_CLASSES)} (got {raw!r})")
+    return raw
+
+
+def gunicorn_worker_class(worker_class: str, threads: int) -> str:
+    """gunicorn's worker class for `serve`'s choice: sync, gthread (sync with threads) or gevent."""
+    if worker_class == "gevent":
+        if threads > 1:
+            raise click.ClickException("gevent workers take no threads: leave --threads / WXCOUPON_WEB_THREADS at 1")
+        try:
+            import gevent  # noqa: F401
+        except ImportError:
+            raise click.ClickException("gevent workers need gevent: pip install 'wxcoupon[gevent]'") from None
+        return "gevent"
+    return "gthread" if threads > 1 else "sync"
+
+
 def gunicorn_options(
-    host: str, port: int, workers: int, access_log: bool, threads: int = DEFAULT_WEB_THREADS
+    host: str, port: int, workers: int, access_log: bool, threads: int = DEFAULT_WEB_THREADS,
+    worker_class: str = DEFAULT_WEB_WORKER_CLASS,
 ) -> dict[str, Any]:
     """The gunicorn settings `serve` applies before an optional config file."""
     options: dict[str, Any] = {
         "bind": f"{host}:{port}",
         "workers": workers,
-        "worker_class": "gthread" if threads > 1 else "sync",
+        "worker_class": gunicorn_worker_class(worker_class, threads),
         "threads": threads,
+        "worker_connections": GEVENT_CONNECTIONS,
         "timeout": WEB_TIMEOUT,
         "graceful_timeout": 20,
         "keepalive": 5,
@@ -92,12 +122,14 @@ def gunicorn_options(
 @click.option("--workers", type=int, default=None, help="gunicorn workers [default: WEB_CONCURRENCY or 2]")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="threads per worker; more than 1: gthread workers [default: WXCOUPON_WEB_THREADS or 1]")
+@click.option("--worker-class", type=click.Choice(WORKER_CLASSES), default=None,
+              help="sync (gthread with --threads) or gevent [default: WXCOUPON_WEB_WORKER_CLASS or sync]")
 @click.option("--gunicorn-config", type=click.Path(exists=True, dir_okay=False), help="A gunicorn config file.")
 @click.option("--access-log/--no-access-log", default=False, show_default=True)
 @click.pass_context
 def serve(
     click_ctx: click.Context, host: str, port: int, workers: int | None, threads: int | None,
-    gunicorn_config: str | None, access_log: bool,
+    worker_class: str | None, gunicorn_config: str | None, access_log: bool,
 ) -> None:
     """Serve the webhook under gunicorn."""
     from gunicorn.app.base import Application
@@ -110,12 +142,14 @@ def serve(
         workers = int(os.environ.get("WEB_CONCURRENCY", DEFAULT_WEB_WORKERS))
     if threads is None:
         threads = web_threads()
-    defaults = gunicorn_options(host, port, workers, access_log, threads)
+    if worker_class is None:
+        worker_class = web_worker_class()
+    defaults = gunicorn_options(host, port, workers, access_log, threads, worker_class)
     # Precedence: built-in defaults, then the config file, then flags typed on
     # the command line.
     explicit = {
         name
-        for name in ("host", "port", "workers", "threads")
+        for name in ("host", "port", "workers", "threads", "worker_class")
         if click_ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
     }
     overrides: dict[str, Any] = {}
@@ -125,6 +159,7 @@ def serve(
         overrides["workers"] = workers
     if "threads" in explicit:
         overrides["threads"] = threads
+    if explicit & {"threads", "worker_class"}:
         overrides["worker_class"] = defaults["worker_class"]
 
     class WebApplication(Application):  # Application: it can read a config file
