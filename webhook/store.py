@@ -324,29 +324,48 @@ def pairs_among(conn: Connection, first: Any, second: Any, pairs: Sequence[tuple
     return tuple_(first, second).in_(pairs)
 
 
-def insert_ignoring(
-    conn: Connection, table: Table, rows: Sequence[dict[str, Any]], conflict: Sequence[str], returning: Sequence[Any]
+def insert_rows(
+    conn: Connection, table: Table, rows: Sequence[dict[str, Any]],
+    conflict: Sequence[str] | None = None, returning: Sequence[Any] = (),
 ) -> Any:
-    """INSERT `rows` (same keys each) ON CONFLICT (`conflict`) DO NOTHING RETURNING `returning`: the inserted rows.
+    """INSERT `rows` (same keys each), with ON CONFLICT (`conflict`) DO NOTHING and RETURNING if given.
 
     On PostgreSQL one INSERT … SELECT FROM unnest(one array per column): a
-    statement of a few parameters, which psycopg caches and prepares, rather
-    than a VALUES list of rows x columns parameters parsed anew on every call
-    (see `among`).
+    statement of a few parameters, which psycopg caches and prepares and the
+    server runs once, rather than a VALUES list of rows x columns parameters
+    parsed anew on every call (see `among`) or one statement per row.
     """
     if conn.dialect.name != "postgresql":
-        stmt = dialect_insert(conn, table).on_conflict_do_nothing(index_elements=list(conflict))
-        return conn.execute(stmt.returning(*returning), list(rows))
+        stmt = dialect_insert(conn, table)
+        if conflict is not None:
+            stmt = stmt.on_conflict_do_nothing(index_elements=list(conflict))
+        return conn.execute(stmt.returning(*returning) if returning else stmt, list(rows))
     names = list(rows[0])
     arrays = [bindparam(None, [row[n] for row in rows], type_=postgresql.ARRAY(table.c[n].type)) for n in names]
     source = func.unnest(*arrays).table_valued(*[column(n, table.c[n].type) for n in names]).render_derived()
-    stmt = (
-        postgresql.insert(table)
-        .from_select(names, select(*[source.c[n] for n in names]))
-        .on_conflict_do_nothing(index_elements=list(conflict))
-        .returning(*returning)
-    )
-    return conn.execute(stmt)
+    stmt = postgresql.insert(table).from_select(names, select(*[source.c[n] for n in names]))
+    if conflict is not None:
+        stmt = stmt.on_conflict_do_nothing(index_elements=list(conflict))
+    return conn.execute(stmt.returning(*returning) if returning else stmt)
+
+
+def update_rows(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], key: str = "id") -> None:
+    """For each row, UPDATE `table` SET its other values WHERE `key` = its key value (keys unique, same columns each).
+
+    On PostgreSQL one UPDATE … FROM unnest(one array per column) (see
+    `insert_rows`); elsewhere one executemany.
+    """
+    if not rows:
+        return
+    names = [n for n in rows[0] if n != key]
+    if conn.dialect.name != "postgresql":
+        stmt = update(table).where(table.c[key] == bindparam(f"k_{key}")).values({n: bindparam(f"v_{n}") for n in names})
+        conn.execute(stmt, [{f"k_{key}": row[key], **{f"v_{n}": row[n] for n in names}} for row in rows])
+        return
+    columns = [key, *names]
+    arrays = [bindparam(None, [row[n] for row in rows], type_=postgresql.ARRAY(table.c[n].type)) for n in columns]
+    source = func.unnest(*arrays).table_valued(*[column(n, table.c[n].type) for n in columns]).render_derived()
+    conn.execute(update(table).where(table.c[key] == source.c[key]).values({n: source.c[n] for n in names}))
 
 
 def mark_queued(conn: Connection, ids: Sequence[int], job_id: str, table: Table = events) -> list[int]:
@@ -493,7 +512,7 @@ def fail_processing(
 def add_attempts(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     """Record attempts (event_id, attempt, job_id, worker, started_at, finished_at, outcome, error)."""
     if rows:
-        conn.execute(event_attempts.insert(), list(rows))
+        insert_rows(conn, event_attempts, rows)
 
 
 def start_rows(conn: Connection, ids: Sequence[int], job_id: str | None, table: Table = events) -> list[dict[str, Any]] | None:

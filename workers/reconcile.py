@@ -14,12 +14,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, bindparam, select, update
+from sqlalchemy import and_, select, update
 from sqlalchemy.engine import Connection
 
 from webhook import metrics
 from webhook.cardstore import STATUS_RANK, TERMINAL, CardStatus, Match, cards, mp_records
-from webhook.store import dialect_insert, insert_ignoring, pairs_among, utcnow
+from webhook.store import dialect_insert, insert_rows, pairs_among, update_rows, utcnow
 
 log = logging.getLogger("wxcoupon.reconcile")
 
@@ -187,17 +187,6 @@ def match_for(card: Mapping[str, Any]) -> Match:
 
 # Columns a merge may change: the set-based UPDATE writes them all for every changed card.
 _MERGED = ("status", "status_time", *FILL_ONCE)
-_UPDATE_CARDS = (
-    update(cards)
-    .where(cards.c.id == bindparam("card_pk"))
-    .values({name: bindparam(f"v_{name}") for name in (*_MERGED, "updated_at")})
-)
-_UPDATE_RECORDS = (
-    update(mp_records)
-    .where(mp_records.c.id == bindparam("record_pk"))
-    .values(code=bindparam("v_code"), decoded_at=bindparam("v_decoded_at"), match=bindparam("v_match"),
-            updated_at=bindparam("v_updated_at"))
-)  # fmt: skip
 
 
 def apply_plans(conn: Connection, plans: Sequence[CardPlan]) -> Counter[str]:
@@ -218,7 +207,7 @@ def apply_plans(conn: Connection, plans: Sequence[CardPlan]) -> Counter[str]:
     if missing:
         rows = [{"card_id": key[0], "code": key[1], "created_at": now, "updated_at": now,
                  **{name: merged.cards[key][name] for name in _MERGED}} for key in missing]  # fmt: skip
-        found = insert_ignoring(conn, cards, rows, ["card_id", "code"], [cards.c.card_id, cards.c.code])
+        found = insert_rows(conn, cards, rows, ["card_id", "code"], [cards.c.card_id, cards.c.code])
         inserted = {(str(r.card_id), str(r.code)) for r in found}
         lost = [key for key in missing if key not in inserted]
         if lost:  # another worker created some of them meanwhile: merge again from what it wrote
@@ -226,13 +215,11 @@ def apply_plans(conn: Connection, plans: Sequence[CardPlan]) -> Counter[str]:
             merged = _Merged.of(plans, existing, sorted(inserted))
     changed = [key for key in sorted(merged.changed) if key not in inserted]
     if changed:
-        conn.execute(
-            _UPDATE_CARDS,
-            [{"card_pk": existing[key]["id"], "v_updated_at": now,
-              **{f"v_{name}": merged.cards[key][name] for name in _MERGED}} for key in changed],
-        )  # fmt: skip
-    if merged.records:
-        conn.execute(_UPDATE_RECORDS, [{**r, "v_updated_at": now} for r in merged.records])
+        update_rows(conn, cards, [
+            {"id": existing[key]["id"], "updated_at": now, **{name: merged.cards[key][name] for name in _MERGED}}
+            for key in changed
+        ])  # fmt: skip
+    update_rows(conn, mp_records, [{**r, "updated_at": now} for r in merged.records])
     outcomes = merged.outcomes
     for match in (Match.MATCHED, Match.RECOVERED):
         # A waiting record is only ever written with its card: a card created just now has none
@@ -300,8 +287,8 @@ class _Merged:
                 if got.card is not None:
                     merged.record_cards.add(got.card)
                 merged.outcomes[match.value] += 1
-                merged.records.append({"record_pk": got.record_id, "v_code": got.code,
-                                       "v_decoded_at": got.decoded_at, "v_match": match.value})  # fmt: skip
+                merged.records.append({"id": got.record_id, "code": got.code,
+                                       "decoded_at": got.decoded_at, "match": match.value})  # fmt: skip
         return merged
 
 
