@@ -309,17 +309,25 @@ def among(conn: Connection, column: Any, values: Iterable[Any]) -> ColumnElement
     """
     values = list(values)
     if conn.dialect.name == "postgresql":
-        return column == any_(bindparam(None, values, type_=postgresql.ARRAY(column.type)))
+        return column == any_(_array(values, column))
     return column.in_(values)
+
+
+def _array(values: Sequence[Any], like: Any) -> Any:
+    """One PostgreSQL array parameter of `values`, typed as arrays of column `like`."""
+    return bindparam(None, list(values), type_=postgresql.ARRAY(like.type))
+
+
+def _unnest(table: Table, rows: Sequence[dict[str, Any]], names: Sequence[str]) -> Any:
+    """`rows` as a PostgreSQL derived table: unnest(one array per column of `names`) AS anon(names...)."""
+    arrays = [_array([row[n] for row in rows], table.c[n]) for n in names]
+    return func.unnest(*arrays).table_valued(*[column(n, table.c[n].type) for n in names]).render_derived()
 
 
 def pairs_among(conn: Connection, first: Any, second: Any, pairs: Sequence[tuple[Any, Any]]) -> ColumnElement[bool]:
     """`(first, second) IN (pairs)`; on PostgreSQL against two arrays unnested side by side (see `among`)."""
     if conn.dialect.name == "postgresql":
-        zipped = select(
-            func.unnest(bindparam(None, [p[0] for p in pairs], type_=postgresql.ARRAY(first.type))),
-            func.unnest(bindparam(None, [p[1] for p in pairs], type_=postgresql.ARRAY(second.type))),
-        )
+        zipped = select(func.unnest(_array([p[0] for p in pairs], first)), func.unnest(_array([p[1] for p in pairs], second)))
         return tuple_(first, second).in_(zipped)
     return tuple_(first, second).in_(pairs)
 
@@ -341,8 +349,7 @@ def insert_rows(
             stmt = stmt.on_conflict_do_nothing(index_elements=list(conflict))
         return conn.execute(stmt.returning(*returning) if returning else stmt, list(rows))
     names = list(rows[0])
-    arrays = [bindparam(None, [row[n] for row in rows], type_=postgresql.ARRAY(table.c[n].type)) for n in names]
-    source = func.unnest(*arrays).table_valued(*[column(n, table.c[n].type) for n in names]).render_derived()
+    source = _unnest(table, rows, names)
     stmt = postgresql.insert(table).from_select(names, select(*[source.c[n] for n in names]))
     if conflict is not None:
         stmt = stmt.on_conflict_do_nothing(index_elements=list(conflict))
@@ -362,9 +369,7 @@ def update_rows(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], 
         stmt = update(table).where(table.c[key] == bindparam(f"k_{key}")).values({n: bindparam(f"v_{n}") for n in names})
         conn.execute(stmt, [{f"k_{key}": row[key], **{f"v_{n}": row[n] for n in names}} for row in rows])
         return
-    columns = [key, *names]
-    arrays = [bindparam(None, [row[n] for row in rows], type_=postgresql.ARRAY(table.c[n].type)) for n in columns]
-    source = func.unnest(*arrays).table_valued(*[column(n, table.c[n].type) for n in columns]).render_derived()
+    source = _unnest(table, rows, [key, *names])
     conn.execute(update(table).where(table.c[key] == source.c[key]).values({n: source.c[n] for n in names}))
 
 
@@ -587,20 +592,15 @@ def abandon_processing(
     """
     if not ids:
         return []
-    stmt = update(table).where(among(conn, table.c.id, ids), table.c.status == EventStatus.PROCESSING.value)
-    if job_id is not None:
-        stmt = stmt.where(table.c.job_id == job_id)
-    else:
-        stmt = stmt.where(table.c.job_id.is_(None))
-    stmt = stmt.values(status=status.value, last_error=error[:1000], updated_at=utcnow())
+    held = (
+        among(conn, table.c.id, ids), table.c.status == EventStatus.PROCESSING.value,
+        table.c.job_id == job_id if job_id is not None else table.c.job_id.is_(None),
+    )  # fmt: skip
+    stmt = update(table).where(*held).values(status=status.value, last_error=error[:1000], updated_at=utcnow())
     if conn.dialect.update_returning:
         moved = conn.execute(stmt.returning(table.c.id, table.c.attempts)).all()
     else:
-        candidates = select(table.c.id, table.c.attempts).where(
-            among(conn, table.c.id, ids), table.c.status == EventStatus.PROCESSING.value,
-            table.c.job_id == job_id if job_id is not None else table.c.job_id.is_(None),
-        )  # fmt: skip
-        moved = conn.execute(candidates).all()
+        moved = conn.execute(select(table.c.id, table.c.attempts).where(*held)).all()
         conn.execute(stmt)
     return sorted((int(i), int(a)) for i, a in moved)
 

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 
 from webhook import metrics
 from webhook.cardstore import STATUS_RANK, TERMINAL, CardStatus, Match, cards, mp_records
-from webhook.store import dialect_insert, insert_rows, pairs_among, update_rows, utcnow
+from webhook.store import insert_rows, pairs_among, update_rows, utcnow
 
 log = logging.getLogger("wxcoupon.reconcile")
 
@@ -49,10 +49,6 @@ def status_key(status: str | None, time: int | None) -> tuple[int, int, int, str
         return (-1, -1, -1, "")
     state = CardStatus(status)
     return (1 if state in TERMINAL else 0, int(time or 0), STATUS_RANK[state], state.value)
-
-
-def _insert(conn: Connection) -> Any:
-    return dialect_insert(conn, cards)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,10 +130,8 @@ def lock_cards(conn: Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[
     if not wanted:
         return {}
     now = utcnow()
-    conn.execute(
-        _insert(conn).on_conflict_do_nothing(index_elements=["card_id", "code"]),
-        [{"card_id": card_id, "code": code, "created_at": now, "updated_at": now} for card_id, code in wanted],
-    )
+    insert_rows(conn, cards, [{"card_id": card_id, "code": code, "created_at": now, "updated_at": now}
+                              for card_id, code in wanted], ["card_id", "code"])  # fmt: skip
     return _select_locked(conn, wanted)
 
 
