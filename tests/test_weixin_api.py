@@ -441,6 +441,94 @@ def test_refused_connection_is_transient_even_for_writes(redis_client: redis.Red
     assert len(sleeps.delays) == 2
 
 
+
+class _RecordingProxy:
+    """A forwarding HTTP proxy on loopback: records each request line, relays it to the origin."""
+
+    def __init__(self) -> None:
+        import http.client
+        import http.server
+        import threading
+
+        seen = self.request_lines = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                seen.append(self.requestline)
+                target = urlsplit(self.path)  # a proxy gets the absolute URL
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=5)
+                upstream.request("POST", f"{target.path}?{target.query}", body=body,
+                                 headers={"Content-Type": self.headers.get("Content-Type", "")})  # fmt: skip
+                reply = upstream.getresponse()
+                data = reply.read()
+                upstream.close()
+                self.send_response(reply.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _clear_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+def test_calls_go_through_the_environment_proxy_unless_no_proxy_covers_the_host(
+    fake_weixin: FakeWeixin, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """http_proxy is honoured as requests honoured it (read once, when the client is made); no_proxy wins."""
+    added = fake_weixin.add_card("pCardProxy", "oUser")
+    proxy = _RecordingProxy()
+    try:
+        _clear_proxy_env(monkeypatch)
+        monkeypatch.setenv("http_proxy", proxy.url)
+        proxied = make_weixin_client(fake_weixin, redis_client)
+        assert proxied.decrypt_code(added["encrypt_code"]) == added["code"]
+        decrypts = [line for line in proxy.request_lines if "/card/code/decrypt" in line]
+        assert len(decrypts) == 1 and decrypts[0].startswith(f"POST {fake_weixin.url}/card/code/decrypt?")
+
+        monkeypatch.setenv("no_proxy", "127.0.0.1")
+        before = len(proxy.request_lines)
+        direct = make_weixin_client(fake_weixin, redis_client)
+        assert direct.decrypt_code(added["encrypt_code"]) == added["code"]
+        assert len(proxy.request_lines) == before
+    finally:
+        proxy.close()
+
+
+def test_an_unreachable_proxy_is_transient_and_nothing_was_sent(
+    redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused by the proxy: the request never left, so even a write is retried (boundedly)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    _clear_proxy_env(monkeypatch)
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{port}")
+    sleeps = SleepRecorder()
+    client = WeixinClient("http://api.weixin.invalid", "wxproxy", "secret", redis_client, timeout=1.0, sleep=sleeps)
+    redis_client.set(client.access_token_key, "FAKESTABLE_cached", ex=60)
+    with pytest.raises(TransientWeixinError) as caught:
+        client.update_card("pCard", {"member_card": {}})
+    assert "not sent" in caught.value.errmsg
+    assert len(sleeps.delays) == 2
+
 # -- what the client lets out ------------------------------------------------------------
 
 

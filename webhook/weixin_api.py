@@ -22,11 +22,22 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
+from urllib.parse import urlencode, urlsplit
+from urllib.request import getproxies, proxy_bypass
 
-import requests
+import certifi
+import urllib3
 from redis import Redis
 from redis.exceptions import LockError
-from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    NewConnectionError,
+    ProtocolError,
+    ProxyError,
+    ReadTimeoutError,
+    SSLError,
+)
 
 from webhook import metrics
 from webhook.config import ConfigError, Settings
@@ -38,6 +49,7 @@ DEFAULT_TIMEOUT = 4.0  # seconds, connect and read each
 DEFAULT_RETRY_ATTEMPTS = 3  # tries in all for transient failures (-1, 5xx, network)
 DEFAULT_BACKOFF_BASE = 0.2  # seconds before the 2nd try; doubles each try
 DEFAULT_BACKOFF_MAX = 2.0  # cap of one backoff sleep
+POOL_SIZE = 10  # kept-alive connections per host (a worker runs a few calls at once)
 DEFAULT_KEY_PREFIX = "wxcoupon:weixin"  # Redis keys: <prefix>:<appid>:...
 TOKEN_EXPIRY_MARGIN = 300  # cache a credential this much shorter than expires_in
 LOCAL_CACHE_SECONDS = 10.0  # a client reuses a credential read from Redis this long at most
@@ -145,26 +157,32 @@ def _observed(path: str) -> Iterator[None]:
     metrics.observe_weixin_call(path, 0, time.perf_counter() - started)
 
 
-def _session_for(api_base: str) -> requests.Session:
-    """A session with the environment's proxy and CA settings read once, now.
+def _pool_for(api_base: str) -> urllib3.PoolManager:
+    """A connection pool for `api_base`, with the environment's proxy and CA bundle read once, now.
 
-    requests otherwise re-reads them from the environment on every call, which
-    costs about half a millisecond: as much as the rest of a call to a nearby server.
+    The client talks to urllib3 directly: requests re-merges settings,
+    cookies, hooks and headers on every call, which cost about 0.3 ms of CPU
+    per call, as much as the rest of a call to a nearby server. What requests
+    took from the environment is taken here the same way: `https_proxy` /
+    `http_proxy` / `all_proxy` unless `no_proxy` covers the host (the standard
+    library's reading of them), and `REQUESTS_CA_BUNDLE`, `CURL_CA_BUNDLE` or
+    certifi's bundle for verifying certificates. Redirects are not followed and
+    urllib3 retries nothing: the client's own policy decides what is retried.
     """
-    session = requests.Session()
-    session.proxies.update(requests.utils.get_environ_proxies(api_base))
-    session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
-    session.trust_env = False
-    return session
+    parts = urlsplit(api_base)
+    ca_certs = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or certifi.where()
+    options: dict[str, Any] = {"maxsize": POOL_SIZE, "retries": False, "ca_certs": ca_certs}
+    proxies = getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if proxy and not proxy_bypass(parts.hostname or ""):
+        return urllib3.ProxyManager(proxy, **options)
+    return urllib3.PoolManager(**options)
 
 
-def _sent_maybe(exc: requests.ConnectionError) -> bool:
-    """Whether a connection error may have happened after the request was sent."""
-    reason: object = exc.args[0] if exc.args else None
-    if isinstance(reason, MaxRetryError):
-        reason = reason.reason
-    # Refused, unresolvable or unreachable: nothing reached the server.
-    return not isinstance(reason, (NewConnectionError, ConnectTimeoutError))
+def _sent_maybe(exc: ProxyError) -> bool:
+    """Whether a failure through the proxy may have happened after the request was sent."""
+    # The proxy refused, unresolvable or unreachable, or not connected in time: nothing was sent.
+    return not isinstance(exc.original_error, (NewConnectionError, ConnectTimeoutError))
 
 
 class WeixinClient:
@@ -177,7 +195,7 @@ class WeixinClient:
         appsecret: str,
         redis: Redis,
         timeout: float = DEFAULT_TIMEOUT,
-        session: requests.Session | None = None,
+        http: urllib3.PoolManager | None = None,
         *,
         retry_attempts: int = DEFAULT_RETRY_ATTEMPTS,
         backoff_base: float = DEFAULT_BACKOFF_BASE,
@@ -193,7 +211,8 @@ class WeixinClient:
         self._appsecret = appsecret
         self._redis = redis
         self.timeout = timeout
-        self._session = session or _session_for(self.api_base)
+        self._http = http or _pool_for(self.api_base)
+        self._timeout = urllib3.Timeout(connect=timeout, read=timeout)
         self.retry_attempts = retry_attempts
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
@@ -464,7 +483,7 @@ class WeixinClient:
         idempotent: bool,
     ) -> dict[str, Any]:
         """One HTTP exchange mapped to a dict or a typed error. Raises `from None`:
-        requests' messages quote the URL, and the URL carries the access_token."""
+        urllib3's messages quote the URL, and the URL carries the access_token."""
         query = dict(params or {})
         if token is not None:
             query["access_token"] = token
@@ -474,26 +493,33 @@ class WeixinClient:
             # Weixin stores \\uXXXX escapes literally: send UTF-8 as is.
             data = json.dumps(body, ensure_ascii=False).encode("utf-8")
             headers["Content-Type"] = "application/json; charset=utf-8"
+        url = f"{self.api_base}/{path}"
+        if query:
+            url = f"{url}?{urlencode(query)}"
         try:
-            response = self._session.request(
-                method, f"{self.api_base}/{path}", params=query, data=data, headers=headers,
-                timeout=(self.timeout, self.timeout),
+            response = self._http.request(
+                method, url, body=data, headers=headers, timeout=self._timeout, retries=False, redirect=False,
             )
-        except requests.ConnectTimeout:
+        except NewConnectionError:  # refused, unresolvable, unreachable (before the timeout check: a subclass)
+            raise TransientWeixinError(ERRCODE_NETWORK, "connection failed (request not sent)", path) from None
+        except ConnectTimeoutError:
             raise TransientWeixinError(ERRCODE_NETWORK, "connect timed out (request not sent)", path) from None
-        except requests.Timeout:
+        except ReadTimeoutError:
             if idempotent:
                 raise TransientWeixinError(ERRCODE_TIMEOUT, "read timed out", path) from None
             raise AmbiguousTimeoutError(ERRCODE_TIMEOUT, "read timed out after sending; outcome unknown", path) from None
-        except requests.ConnectionError as exc:
-            if not _sent_maybe(exc):
+        except SSLError:
+            # The TLS handshake comes before the request: nothing was sent.
+            raise TransientWeixinError(ERRCODE_NETWORK, "TLS handshake failed (request not sent)", path) from None
+        except (ProtocolError, ProxyError, OSError) as exc:
+            if isinstance(exc, ProxyError) and not _sent_maybe(exc):
                 raise TransientWeixinError(ERRCODE_NETWORK, "connection failed (request not sent)", path) from None
             if idempotent:
                 raise TransientWeixinError(ERRCODE_NETWORK, "connection lost", path) from None
             raise AmbiguousTimeoutError(ERRCODE_NETWORK, "connection lost after sending; outcome unknown", path) from None
-        except requests.RequestException as exc:
+        except HTTPError as exc:
             raise WeixinAPIError(ERRCODE_NETWORK, f"request failed ({type(exc).__name__})", path) from None
-        status = response.status_code
+        status = response.status
         if status >= 500:
             if status == 504 and not idempotent:
                 raise AmbiguousTimeoutError(ERRCODE_HTTP, "HTTP 504 after sending; outcome unknown", path)
@@ -501,7 +527,7 @@ class WeixinClient:
         if status != 200:
             raise WeixinAPIError(ERRCODE_HTTP, f"HTTP {status}", path)
         try:
-            reply = response.json()
+            reply = json.loads(response.data)
         except ValueError:
             reply = None
         if not isinstance(reply, dict):
