@@ -1,7 +1,7 @@
 """Worker throughput benchmark: `wxcoupon worker` against RQ's own no-op job rate, one run.
 
     .venv/bin/python bench/workers.py [--events 20000] [--workers 2] [--database sqlite|postgres|sqlite,postgres]
-                                      [--job-batch 50] [--mp-share 0.25] [--noop-jobs N] [--fork-jobs 1000]
+                                      [--job-batch 200] [--mp-share 0.25] [--noop-jobs N] [--fork-jobs 1000]
                                       [--profile] [--json FILE]
 
 1. Baseline. `--workers` processes of RQ's non-forking `SimpleWorker` (the class
@@ -64,6 +64,8 @@ if str(REPO) not in sys.path:
 sys.path.append(str(BENCH))  # last: the sibling helpers (bench/pgschema.py), never ahead of the project
 
 from pgschema import create_pg_schema, drop_pg_schema, pg_schema_url  # noqa: E402  (bench/pgschema.py)
+
+from webhook.config import DEFAULT_JOB_BATCH  # noqa: E402
 
 NOOP = "bench.workers.noop"  # the baseline job, imported by the RQ workers from the repo root
 DEFAULT_POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -796,7 +798,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="share of the cards that also get a Mini Program receipt (default 0.25)")
     p.add_argument("--workers", type=int, default=2, help="worker processes, for RQ and wxcoupon alike (default 2)")
     p.add_argument("--database", default="sqlite", help="sqlite, postgres, or both comma-separated (default sqlite)")
-    p.add_argument("--job-batch", type=int, default=50, help="WXCOUPON_JOB_BATCH (default 50)")
+    p.add_argument("--job-batch", type=int, default=DEFAULT_JOB_BATCH,
+                   help=f"WXCOUPON_JOB_BATCH (default wxcoupon's, {DEFAULT_JOB_BATCH})")  # fmt: skip
     p.add_argument("--dispatch-batch", type=int, default=0, help="WXCOUPON_DISPATCH_BATCH (default: wxcoupon's)")
     p.add_argument("--dispatch-interval", type=float, default=0.05, help="WXCOUPON_DISPATCH_INTERVAL (default 0.05)")
     p.add_argument("--synchronous", default="FULL", type=str.upper, choices=["FULL", "NORMAL"],

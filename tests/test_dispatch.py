@@ -227,7 +227,7 @@ def test_dispatch_takes_jobs_in_turn_and_stops_at_max_jobs(
 
 
 def test_queue_room_keeps_a_few_jobs_per_worker(settings: Settings, worker_ctx: WorkerContext) -> None:
-    """The dispatcher fills the events queue up to its target depth, no further."""
+    """The dispatcher fills the events queue up to its target depth, no further, and only once it is half empty."""
     from workers.dispatch import MIN_QUEUED_JOBS, queue_room
 
     assert queue_room(worker_ctx) == MIN_QUEUED_JOBS
@@ -235,6 +235,11 @@ def test_queue_room_keeps_a_few_jobs_per_worker(settings: Settings, worker_ctx: 
     for i in range(3):
         queue.enqueue("workers.jobs.process_events", [i])
     assert queue_room(worker_ctx) == MIN_QUEUED_JOBS - 3
+    while queue.count <= MIN_QUEUED_JOBS // 2:
+        queue.enqueue("workers.jobs.process_events", [queue.count])
+    assert queue_room(worker_ctx) == 0  # more than half full: no pass for a single job
+    queue.empty()
+    assert queue_room(worker_ctx) == MIN_QUEUED_JOBS
 
 
 def test_dispatcher_warns_once_while_the_schema_is_missing(

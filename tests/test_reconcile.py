@@ -219,6 +219,33 @@ def test_undecodable_code_is_a_permanent_failure_and_reported(
     assert [rows[0][1], rows[1][1], rows[2][1]] == ["matched", None, "ignored"]
 
 
+
+def test_a_batch_stops_calling_a_failing_weixin_and_leaves_the_rest_to_rqs_retry(
+    live: tuple[str, Settings, FakeWeixin], ctx: WorkerContext
+) -> None:
+    """Weixin answers -1 to every decode: after a streak of failed calls (each retried by the client)
+    the job stops calling; every record goes back to queued for RQ's retry, none is lost or failed."""
+    from workers import batch
+
+    base, _, fake = live
+    records = 3 * batch.FAILING_STREAK
+    card_list = [{"card_id": CARD, "code": fake.add_card(CARD, f"oOA_down{i}")["encrypt_code"], "is_success": True}
+                 for i in range(records)]  # fmt: skip
+    assert mp_post(base, "card-receipts", {"mp_openid": "oMP_down", "card_list": card_list}).status_code == 202
+    fake.wait_for_pushes(records)
+    with ctx.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE events SET status = 'failed'"))  # only the records run here
+    fake.inject_fault("/card/code/decrypt", errcode=-1, count=10_000)
+    work(ctx)
+    with ctx.engine.connect() as conn:
+        rows = conn.execute(sa.select(mp_records.c.status, mp_records.c.last_error)).all()
+    assert len(rows) == records and {status for status, _ in rows} == {"queued"}
+    skipped = [error for _, error in rows if "WeixinFailingError" in error]
+    # The streak, plus the calls already running on the other fetch threads when it broke.
+    called = records - len(skipped)
+    assert batch.FAILING_STREAK <= called < batch.FAILING_STREAK + batch.FETCH_THREADS
+    assert fake.calls("/card/code/decrypt") == called * ctx.weixin.retry_attempts
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [

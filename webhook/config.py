@@ -16,8 +16,11 @@ DEFAULT_MAX_BODY = 64 * 1024  # Weixin pushes are a few KiB; 413 above this
 DEFAULT_INSTANCE_PATH = "instance"  # relative to the working directory
 DEFAULT_API_BASE = "https://api.weixin.qq.com"
 DEFAULT_DISPATCH_INTERVAL = 0.5  # seconds between outbox polls in a worker
-DEFAULT_DISPATCH_BATCH = 200  # events moved to RQ per dispatcher pass
-DEFAULT_JOB_BATCH = 50  # events handled by one RQ job
+DEFAULT_DISPATCH_BATCH = 800  # events moved to RQ per dispatcher pass (per outbox)
+# Events handled by one RQ job. A job costs ~6 ms of worker CPU whatever its
+# size (RQ's own bookkeeping, a transaction, its statements): at 50 that was
+# half of a worker's CPU per event; bench/workers.py measures the difference.
+DEFAULT_JOB_BATCH = 200
 DEFAULT_RETRY_INTERVALS = (10, 60, 300)  # seconds before each RQ retry of a transient failure
 DEFAULT_SQLITE_SYNCHRONOUS = "FULL"  # fsync on every commit: acked means on disk
 DEV_ENV_FILE = "dev.env"  # the local account `wxcoupon dev` generates, in the instance folder

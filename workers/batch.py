@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from webhook.store import (
     worker_writing,
 )
 
+from webhook.weixin_api import ERRCODE_NETWORK, TransientWeixinError
+
 from .context import WorkerContext
 from .failures import describe, is_transient
 from .handlers import Handler, Row, no_fetch
@@ -36,6 +39,12 @@ log = logging.getLogger("wxcoupon.jobs")
 
 # Weixin calls of one batch that may run at once (read-only ones: decoding codes, reading cards).
 FETCH_THREADS = 4
+# A batch stops calling Weixin after this many transient failures in a row, each
+# already retried by the client: the rows not yet fetched fail as transient without
+# a call and go back to RQ's retry, with its backoff. Without it a job of a few
+# hundred rows would spend every call's timeouts and retries on a Weixin that is
+# down, for minutes, past RQ's job timeout.
+FAILING_STREAK = 2 * FETCH_THREADS
 # Tries of the write phase when the database refuses it for a moment (locked, deadlock),
 # and the pauses between them: the Weixin answers are in hand, asking again would be waste.
 WRITE_TRIES = 3
@@ -166,12 +175,20 @@ def _fetch(run: _Run, rows: list[Row]) -> None:
     """Phase 1: each row's Weixin calls, a few at a time where the handler allows it."""
     concurrent = [row for row in rows if run.handler_for(row).concurrent]
     serial = [row for row in rows if not run.handler_for(row).concurrent]
+    streak = _Streak()
 
     def fetch(row: Row) -> None:
+        if streak.broken:
+            run.errors[row["id"]] = WeixinFailingError(
+                ERRCODE_NETWORK, f"not called: {FAILING_STREAK} calls of this job failed in a row", "")
+            return
         try:
             run.fetched[row["id"]] = run.handler_for(row).fetch(run.ctx, row)
         except Exception as exc:
             run.errors[row["id"]] = exc
+            streak.failed(is_transient(exc))
+        else:
+            streak.succeeded()
 
     if len(concurrent) > 1:
         try:
@@ -184,6 +201,31 @@ def _fetch(run: _Run, rows: list[Row]) -> None:
         serial = concurrent + serial
     for row in serial:
         fetch(row)
+
+
+class WeixinFailingError(TransientWeixinError):
+    """A row's Weixin call was not made: the calls before it in the job kept failing."""
+
+
+class _Streak:
+    """Transient failures in a row among a batch's fetches (threads share it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+        self.broken = False
+
+    def failed(self, transient: bool) -> None:
+        with self._lock:
+            self._count = self._count + 1 if transient else 0
+            if self._count >= FAILING_STREAK and not self.broken:
+                self.broken = True
+                log.warning("weixin calls keep failing; the rest of the batch waits for RQ's retry",
+                            extra={"failures": self._count})  # fmt: skip
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self._count = 0
 
 
 def _write_with_retries(run: _Run, rows: list[Row]) -> BatchResult:
