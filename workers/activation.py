@@ -32,7 +32,7 @@ from webhook.cardstore import CardStatus
 from webhook.config import Settings
 from webhook.members import ActivationKind, ActivationResult, MemberSource, activations, field_list
 from webhook.pii import MissingDataKeyError, UndecryptableError, cipher_for
-from webhook.store import EventStatus, utcnow, writing
+from webhook.store import EventStatus, utcnow, worker_writing
 from webhook.weixin_api import AmbiguousTimeoutError, TicketExpiredError, TransientWeixinError, WeixinAPIError
 
 from .batch import run_batch
@@ -209,7 +209,7 @@ class _Recorder:
 
 def record_failures(ctx: WorkerContext, errors: dict[int, BaseException]) -> None:
     """Give rows that ended failed or dead their result, errcode and errmsg."""
-    with writing(ctx.engine) as conn:
+    with worker_writing(ctx.engine) as conn:
         for row_id, exc in errors.items():
             errcode, errmsg = public_error(exc)
             conn.execute(

@@ -21,8 +21,8 @@ from sqlalchemy import BigInteger, Text, bindparam, cast, func, literal, or_, se
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from webhook import metrics
-from webhook.admin.queries import REPLAYABLE, EventFilter, count_events, event_ids_after, revive_events
-from webhook.store import EventStatus, events, release_jobs, utcnow, writing
+from webhook.eventfilter import REPLAYABLE, EventFilter, count_events, event_ids_after, revive_events
+from webhook.store import EventStatus, events, release_jobs, utcnow, worker_writing
 
 from .context import EVENTS_QUEUE, WorkerContext
 from .dispatch import PROCESS_EVENTS
@@ -101,7 +101,7 @@ def queue_page(ctx: WorkerContext, ids: Sequence[int]) -> tuple[int, int]:
     of its rows; if the enqueue does not complete, the rows go back to pending.
     """
     settings = ctx.settings
-    with writing(ctx.engine) as conn:
+    with worker_writing(ctx.engine) as conn:
         batches = mark_page_queued(conn, ids, settings.job_batch)
     if not batches:
         return 0, 0

@@ -2,8 +2,9 @@
 replay button, and the reconciliation report. Read-only but for the replay,
 and only when WXCOUPON_ADMIN_KEY is set; without it there is no /admin at all.
 
-`queries` is Flask-free (the replay command shares its revive statement); the
-Flask part is imported only by `init_app`.
+`queries` is Flask-free (the filter and the revive statement it shares with the
+replay command live in `webhook.eventfilter`); the Flask part is imported only
+by `init_app`.
 """
 from __future__ import annotations
 

@@ -34,10 +34,11 @@ from flask.sessions import SecureCookieSessionInterface
 from werkzeug.wrappers import Response as BaseResponse
 
 from .. import db
+from ..eventfilter import REPLAYABLE, EventFilter, revive_events
 from ..logs import mask_code
 from ..reports import REPORT_COUNTS, reconciliation_report
 from ..store import EventStatus, get_event, list_attempts
-from .queries import PAGE_SIZE, REPLAYABLE, EventFilter, backlog, event_log, revive_events
+from .queries import PAGE_SIZE, backlog, event_log
 
 log = logging.getLogger("wxcoupon.admin")
 bp = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates", static_folder="static")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 import redis
 
-from webhook.admin.queries import REPLAYABLE, EventFilter
+from webhook.eventfilter import REPLAYABLE, EventFilter
 
 from ..context import build_context
 from .common import settings_or_exit
