@@ -81,8 +81,12 @@ def insert_function(kind: str, engine: sa.Engine, sample: tuple[Any, Any]) -> tu
 
     if kind == "record":
         return (lambda po: record(engine, *po)), "record(): SQLAlchemy, statement built once + commit"
-    if kind == "writer":
+    if kind in ("writer", "writer-tx"):
         writer = EventWriter(engine, sqlite_write_lock(engine))
+        if kind == "writer-tx":
+            # PostgreSQL as before the writer's autocommit: BEGIN, INSERT, COMMIT, three round trips.
+            writer._autocommit = False
+            return (lambda po: writer.write(event_row(*po))), "EventWriter.write(), BEGIN + INSERT + COMMIT per push"
         return (lambda po: writer.write(event_row(*po))), "EventWriter.write(): the driver, prepared (as now)"
     with engine.connect() as conn:
         stmt = _insert_for(conn).on_conflict_do_nothing(index_elements=["dedupe_key"]).returning(events_table.c.id)
@@ -268,7 +272,7 @@ def main() -> None:
                     ("record", "FULL"), ("record", "NORMAL"), ("record", "OFF"),
                     ("dbapi", "FULL"), ("dbapi", "NORMAL"), ("dbapi", "OFF")]  # fmt: skip
         else:
-            plan = [("writer", "FULL"), ("record", "FULL"), ("dbapi", "FULL")]
+            plan = [("writer", "FULL"), ("writer-tx", "FULL"), ("record", "FULL"), ("dbapi", "FULL")]
         for kind, sync in plan:
             rows.append(insert_stage(kind, sync))
         rows.append(("", 0.0, 0.0))

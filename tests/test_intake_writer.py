@@ -242,6 +242,48 @@ def test_postgres_connection_killed_between_pushes_is_replaced(settings: Setting
     assert len(stored_keys(engine)) == 2
 
 
+
+def _round_trips(writer: EventWriter, rows: list[dict[str, Any]]) -> tuple[list[int | None], int]:
+    """Write `rows` in one transaction through the writer's connection; the ids and the round trips made.
+
+    libpq's trace of the frontend messages: each round trip ends with a Query
+    (simple protocol) or a Sync (extended protocol, prepared statements).
+    """
+    import tempfile
+
+    from psycopg import pq
+
+    pgconn = writer._conn.dbapi_connection.pgconn
+    with tempfile.TemporaryFile() as trace:
+        pgconn.trace(trace.fileno())
+        pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+        try:
+            ids = writer._commit(rows)
+        finally:
+            pgconn.untrace()
+        trace.seek(0)
+        sent = [line.split("\t") for line in trace.read().decode("utf-8", "replace").splitlines()]
+    return ids, sum(1 for fields in sent if fields[0] == "F" and len(fields) > 2 and fields[2] in ("Query", "Sync"))
+
+
+def test_postgres_push_alone_is_one_round_trip_and_the_pool_gets_its_connection_back_unchanged(
+    settings: Settings, engine: sa.Engine, writer: EventWriter
+) -> None:
+    """A lone push is one INSERT that commits by itself (autocommit); rows written together share one
+    explicit transaction; the connection goes back to the pool out of autocommit."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("round trips to PostgreSQL")
+    for i in range(8):  # past psycopg's prepare threshold: the steady state
+        assert isinstance(writer.write(new_row(settings, i)), int)
+    ids, trips = _round_trips(writer, [new_row(settings, 100)])
+    assert trips == 1 and isinstance(ids[0], int)
+    ids, trips = _round_trips(writer, [new_row(settings, 101), new_row(settings, 102), new_row(settings, 1)])
+    assert trips == 5 and isinstance(ids[0], int) and isinstance(ids[1], int) and ids[2] is None  # BEGIN, 3, COMMIT
+    assert len(stored_keys(engine)) == 11
+    writer.close()
+    with engine.connect() as conn:
+        assert conn.connection.dbapi_connection.autocommit is False  # type: ignore[union-attr]
+
 @pytest.mark.parametrize("mode", [["--threads", "8"], ["--worker-class", "gevent"]], ids=["gthread", "gevent"])
 def test_concurrent_server_commits_every_push_it_acknowledges(settings: Settings, tmp_path: Path, mode: list[str]) -> None:
     """`wxcoupon serve` with requests overlapping in a process (gthread threads or gevent; group commit),

@@ -173,6 +173,10 @@ class EventWriter:
         self.wait = wait
         self.prepared = PreparedEventInsert(engine.dialect)
         self._sqlite = engine.dialect.name == "sqlite"
+        # PostgreSQL: the writer's connection is in autocommit, so a push alone is
+        # one round trip (its INSERT commits by itself) instead of three (BEGIN,
+        # INSERT, COMMIT); several rows still share one explicit transaction.
+        self._autocommit = engine.dialect.name == "postgresql"
         self._dbapi_error: type[Exception] = engine.dialect.loaded_dbapi.Error
         self._mutex = threading.Lock()
         self._waiting: list[_Slot] = []
@@ -297,10 +301,12 @@ class EventWriter:
             try:
                 if self._sqlite:
                     cursor.execute("BEGIN IMMEDIATE")
+                elif self._autocommit and len(rows) > 1:
+                    cursor.execute("BEGIN")
                 ids = [self.prepared.execute(cursor, row) for row in rows]
             finally:
                 cursor.close()
-            conn.commit()
+            conn.commit()  # in autocommit, a lone INSERT is committed already: no round trip
             return ids
         except BaseException:
             with contextlib.suppress(Exception):
@@ -316,9 +322,18 @@ class EventWriter:
             self._drop_connection()
         if self._conn is None:
             try:
-                self._conn = self.engine.raw_connection()
+                conn = self.engine.raw_connection()
             except (SQLAlchemyError, self._dbapi_error) as exc:
                 raise _StoreError(exc) from None
+            if self._autocommit:
+                try:
+                    conn.rollback()  # the pool's liveness check may have left a transaction open
+                    conn.dbapi_connection.autocommit = True  # type: ignore[union-attr]
+                except self._dbapi_error as exc:
+                    with contextlib.suppress(Exception):
+                        conn.invalidate()
+                    raise _StoreError(exc) from None
+            self._conn = conn
         self._used_at = now
         return self._conn
 
@@ -327,6 +342,12 @@ class EventWriter:
         if conn is None:
             return
         with contextlib.suppress(Exception):
+            if not invalidate and self._autocommit:
+                try:
+                    conn.rollback()
+                    conn.dbapi_connection.autocommit = False  # as the pool's other users expect it
+                except Exception:
+                    invalidate = True
             if invalidate:
                 conn.invalidate()
             else:
