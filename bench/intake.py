@@ -391,6 +391,31 @@ class Bench:
 
     # -- servers
 
+    def start_backlog(self, env: dict[str, str], workdir: Path, database_url: str, pg_schema: str | None) -> list[Server]:
+        """`--backlog` stored events and `--backlog-workers` workers draining them (and the new pushes) meanwhile."""
+        import redis
+
+        took = fill_backlog(database_url, self.account, self.args.backlog)
+        batch = self.args.backlog_job_batch or "wxcoupon's"
+        print(f"  backlog: {self.args.backlog} pending events stored in {took:.1f}s; "
+              f"{self.args.backlog_workers} workers (job batch {batch}) on {self.args.redis_url} (flushed)",
+              flush=True)  # fmt: skip
+        redis.Redis.from_url(self.args.redis_url).flushdb()
+        worker_env = {**env, "REDIS_URL": self.args.redis_url}
+        if self.args.backlog_job_batch:
+            worker_env["WXCOUPON_JOB_BATCH"] = str(self.args.backlog_job_batch)
+        if pg_schema:  # their own application_name: their backends are not counted as the server's
+            worker_env["DATABASE_URL"] = pg_schema_url(self.args.postgres_url, pg_schema) + "&application_name=wxbench-workers"
+        workers = []
+        for i in range(self.args.backlog_workers):
+            argv = [sys.executable, "-m", "workers", "worker", "--name", f"intake-bench-{i}"]
+            workers.append(Server(f"worker {i}", argv, worker_env, workdir, workdir / f"worker-{i}.log", 0))
+            assert workers[-1].proc is None
+            out = workers[-1].log.open("wb")
+            workers[-1].proc = subprocess.Popen(argv, env=worker_env, cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
+                                                start_new_session=True)  # fmt: skip
+        return workers
+
     def run_bare(self, threads: int, worker_class: str) -> RunReport:
         """The baseline: bench/bare_app.py under wxcoupon's gunicorn settings, with `threads` per worker."""
         port = free_port()
@@ -444,13 +469,24 @@ class Bench:
                     "--worker-class", self.args.worker_class]  # fmt: skip
             server = Server(config.label, argv, env, workdir, workdir / "server.log", port)
             server.start()
+            workers: list[Server] = []
             try:
+                if self.args.backlog:
+                    workers = self.start_backlog(env, workdir, database_url, pg_schema)
                 report = self.measure(server, config.label, wrap=False)
             finally:
                 server.stop()
+                for worker in workers:
+                    worker.stop()
+            if workers:
+                done, total = backlog_done(database_url)
+                note = (f"backlog: {done} of {total} stored events processed by {len(workers)} `wxcoupon worker` "
+                        f"processes meanwhile (their CPU counts as other processes')")  # fmt: skip
+                print(f"  {note}", flush=True)
+                report.notes.append(note)
             if bare is not None and bare.result.events_per_s:
                 report.ratio = report.result.events_per_s / bare.result.events_per_s
-            check_durability(report, database_url)
+            check_durability(report, database_url, self.args.backlog)
             if report.non_200():
                 report.notes.append("server log tail:\n" + server.log_tail(15))
             return report
@@ -490,14 +526,59 @@ def postgres_facts(base: str) -> dict[str, str] | None:
         return None
 
 
-def check_durability(report: RunReport, database_url: str) -> None:
-    """Every 200 answer is a committed row, and there is no row without a 200."""
+BACKLOG_CARD = "pBACKLOG"  # card_id prefix of the backlog's events (`--backlog`)
+
+
+def fill_backlog(database_url: str, account: Account, n: int) -> float:
+    """Store `n` pending user_get_card events, as intake stores them, for the workers to drain; seconds taken."""
+    from webhook.envelope import OpenedPush
+    from webhook.events import parse_push
+    from webhook.intake import event_row
+    from webhook.store import events
+    from webhook.xmlparse import build_xml, parse_xml
+
+    started = time.perf_counter()
+    tag, now = secrets.token_hex(4), int(time.time()) - 60
+    rows = []
+    for i in range(n):
+        fields = sample_fields(
+            "user_get_card", FromUserName=f"oBACKLOG{tag}{i:012d}",
+            CreateTime=now, CardId=f"{BACKLOG_CARD}{tag}{i % 4:02d}" + "x" * 12, UserCardCode=str(300_000_000_000 + i),
+        )  # fmt: skip
+        xml = build_xml(fields)
+        parsed = parse_xml(xml)
+        rows.append(event_row(parse_push(parsed), OpenedPush(xml=xml, fields=parsed, mode="safe")))
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            for start in range(0, n, 2000):
+                conn.execute(sa.insert(events), rows[start : start + 2000])
+    finally:
+        engine.dispose()
+    return time.perf_counter() - started
+
+
+def backlog_done(database_url: str) -> tuple[int, int]:
+    """(processed, all) events of the backlog."""
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            found = conn.execute(sa.text(
+                "SELECT count(*) FILTER (WHERE status = 'processed'), count(*) FROM events WHERE card_id LIKE :p"
+            ), {"p": f"{BACKLOG_CARD}%"}).one()  # fmt: skip
+    finally:
+        engine.dispose()
+    return int(found[0]), int(found[1])
+
+
+def check_durability(report: RunReport, database_url: str, backlog: int = 0) -> None:
+    """Every 200 answer is a committed row, and there is no row without a 200 (the `--backlog` rows aside)."""
     engine = sa.create_engine(database_url)
     with engine.connect() as conn:
         rows = conn.execute(sa.text("SELECT status, count(*) FROM events GROUP BY status")).all()
     engine.dispose()
     report.rows_by_status = {str(s): int(n) for s, n in rows}
-    report.rows = sum(report.rows_by_status.values())
+    report.rows = sum(report.rows_by_status.values()) - backlog
     report.durable_ok = report.rows == report.acked() and report.non_200() == 0
 
 
@@ -668,6 +749,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1,
                    help="measured runs per server, each with new pushes; the best is reported (default 1)")  # fmt: skip
     p.add_argument("--no-bare", action="store_true", help="skip the bare app (no ratio)")
+    p.add_argument("--backlog", type=int, default=0,
+                   help="store N pending events before each wxcoupon run and drain them with workers meanwhile")
+    p.add_argument("--backlog-workers", type=int, default=2, help="`wxcoupon worker` processes for --backlog (default 2)")
+    p.add_argument("--backlog-job-batch", type=int, default=0, help="WXCOUPON_JOB_BATCH of those workers (default wxcoupon's)")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/10",
+                   help="Redis for the --backlog workers (loopback only; this database is flushed)")
     p.add_argument("--quiet-wait", type=float, default=60.0,
                    help="before each measured run, wait up to this many seconds for the CPUs to be idle (default 60)")  # fmt: skip
     p.add_argument("--tmpdir", default=None, help="where the instance folders go (default: the system temp dir)")
