@@ -56,6 +56,7 @@ from workers.cli.service import DEFAULT_WEB_THREADS, DEFAULT_WEB_WORKER_CLASS, W
 
 import loadgen  # noqa: E402  (bench/loadgen.py)
 from pgschema import create_pg_schema, drop_pg_schema, pg_schema_url  # noqa: E402  (bench/pgschema.py)
+from stored import stored_event_row  # noqa: E402  (bench/stored.py)
 
 DEFAULT_POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TOLERANCE = 300  # WECHAT_TIMESTAMP_TOLERANCE given to the server (its default)
@@ -183,12 +184,17 @@ class Server:
         """The push endpoint."""
         return f"http://127.0.0.1:{self.port}/wechat"
 
+    def spawn(self) -> None:
+        """Start the process in a session of its own, its output to the log file."""
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                self.argv, env=self.env, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
     def start(self, timeout: float = 60) -> None:
         """Start it and wait until /wechat answers (any status)."""
-        out = self.log.open("wb")
-        self.proc = subprocess.Popen(
-            self.argv, env=self.env, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        self.spawn()
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -409,11 +415,9 @@ class Bench:
         workers = []
         for i in range(self.args.backlog_workers):
             argv = [sys.executable, "-m", "workers", "worker", "--name", f"intake-bench-{i}"]
-            workers.append(Server(f"worker {i}", argv, worker_env, workdir, workdir / f"worker-{i}.log", 0))
-            assert workers[-1].proc is None
-            out = workers[-1].log.open("wb")
-            workers[-1].proc = subprocess.Popen(argv, env=worker_env, cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
-                                                start_new_session=True)  # fmt: skip
+            worker = Server(f"worker {i}", argv, worker_env, workdir, workdir / f"worker-{i}.log", 0)
+            worker.spawn()  # no HTTP to wait for: it starts on the backlog at once
+            workers.append(worker)
         return workers
 
     def run_bare(self, threads: int, worker_class: str) -> RunReport:
@@ -531,23 +535,17 @@ BACKLOG_CARD = "pBACKLOG"  # card_id prefix of the backlog's events (`--backlog`
 
 def fill_backlog(database_url: str, account: Account, n: int) -> float:
     """Store `n` pending user_get_card events, as intake stores them, for the workers to drain; seconds taken."""
-    from webhook.envelope import OpenedPush
-    from webhook.events import parse_push
-    from webhook.intake import event_row
     from webhook.store import events
-    from webhook.xmlparse import build_xml, parse_xml
 
     started = time.perf_counter()
     tag, now = secrets.token_hex(4), int(time.time()) - 60
-    rows = []
-    for i in range(n):
-        fields = sample_fields(
-            "user_get_card", FromUserName=f"oBACKLOG{tag}{i:012d}",
-            CreateTime=now, CardId=f"{BACKLOG_CARD}{tag}{i % 4:02d}" + "x" * 12, UserCardCode=str(300_000_000_000 + i),
+    rows = [
+        stored_event_row(
+            "user_get_card", FromUserName=f"oBACKLOG{tag}{i:012d}", CreateTime=now,
+            CardId=f"{BACKLOG_CARD}{tag}{i % 4:02d}" + "x" * 12, UserCardCode=str(300_000_000_000 + i),
         )  # fmt: skip
-        xml = build_xml(fields)
-        parsed = parse_xml(xml)
-        rows.append(event_row(parse_push(parsed), OpenedPush(xml=xml, fields=parsed, mode="safe")))
+        for i in range(n)
+    ]
     engine = sa.create_engine(database_url)
     try:
         with engine.begin() as conn:

@@ -365,12 +365,9 @@ def fill(engine: Any, fake: Any, account: Account, n: int, mp_share: float, stat
     import sqlalchemy as sa
 
     from webhook.cardstore import RecordKind, mp_records
-    from webhook.envelope import OpenedPush
-    from webhook.events import parse_push, sample_fields
-    from webhook.intake import event_row
     from webhook.mp_api import record_key
     from webhook.store import events, utcnow
-    from webhook.xmlparse import build_xml, parse_xml
+    from stored import stored_event_row  # bench/stored.py
 
     tag = secrets.token_hex(4)
     card_ids = [f"pBENCH{tag}{k:02d}" + "x" * 12 for k in range(CARD_IDS)]  # 28 characters, like a real card_id
@@ -387,13 +384,10 @@ def fill(engine: Any, fake: Any, account: Account, n: int, mp_share: float, stat
         openid, unionid = f"oWXB{tag}{i:016d}", f"uWXB{tag}{i:016d}"
         outer = f"poster-{i % 7}"
         added = fake.add_card(card_id, openid, code=code, outer_str=outer, unionid=unionid)
-        fields = sample_fields(
+        row = stored_event_row(
             "user_get_card", ToUserName=account.original_id, FromUserName=openid, CreateTime=now + i // 500,
             CardId=card_id, UserCardCode=code, OuterStr=outer, UnionId=unionid,
         )  # fmt: skip
-        xml = build_xml(fields)
-        parsed = parse_xml(xml)  # as intake sees it: every value a string
-        row = event_row(parse_push(parsed), OpenedPush(xml=xml, fields=parsed, mode="safe"))
         row["status"] = status
         event_rows.append(row)
         data.oa_openid[(card_id, code)] = openid

@@ -179,12 +179,6 @@ def _pool_for(api_base: str) -> urllib3.PoolManager:
     return urllib3.PoolManager(**options)
 
 
-def _sent_maybe(exc: ProxyError) -> bool:
-    """Whether a failure through the proxy may have happened after the request was sent."""
-    # The proxy refused, unresolvable or unreachable, or not connected in time: nothing was sent.
-    return not isinstance(exc.original_error, (NewConnectionError, ConnectTimeoutError))
-
-
 class WeixinClient:
     """Weixin server API client for one Official Account, shared-token aware."""
 
@@ -512,7 +506,8 @@ class WeixinClient:
             # The TLS handshake comes before the request: nothing was sent.
             raise TransientWeixinError(ERRCODE_NETWORK, "TLS handshake failed (request not sent)", path) from None
         except (ProtocolError, ProxyError, OSError) as exc:
-            if isinstance(exc, ProxyError) and not _sent_maybe(exc):
+            if isinstance(exc, ProxyError) and isinstance(exc.original_error, (NewConnectionError, ConnectTimeoutError)):
+                # The proxy refused, unresolvable or unreachable, or not connected in time: nothing was sent.
                 raise TransientWeixinError(ERRCODE_NETWORK, "connection failed (request not sent)", path) from None
             if idempotent:
                 raise TransientWeixinError(ERRCODE_NETWORK, "connection lost", path) from None

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import redis
-import requests
 from rq import Retry
 from sqlalchemy.exc import OperationalError
 
@@ -26,7 +25,8 @@ def is_transient(exc: BaseException) -> bool:
         return False
     if isinstance(exc, (TransientWeixinError, TokenError)):
         return True
-    return isinstance(exc, (redis.RedisError, requests.ConnectionError, requests.Timeout, OperationalError))
+    # Network failures reach the jobs only as TransientWeixinError: the client maps them.
+    return isinstance(exc, (redis.RedisError, OperationalError))
 
 
 def describe(exc: BaseException) -> str:
