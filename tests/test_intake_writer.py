@@ -2,6 +2,8 @@
 only after its own row is committed; what fails is refused, never acknowledged."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,9 +20,11 @@ from webhook.envelope import open_push
 from webhook.errors import StoreUnavailableError
 from webhook.events import parse_push
 from webhook.intake import EventWriter, WriteLock, WriteLockTimeoutError, event_row, sqlite_write_lock
-from webhook.store import PreparedEventInsert, events, make_engine
+from webhook.store import PreparedEventInsert, events, intake_waiting_path, make_engine, yield_to_intake
 
 from .pushes import make_push
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def new_row(settings: Settings, i: int, **overrides: Any) -> dict[str, Any]:
@@ -217,7 +221,7 @@ def test_sqlite_write_lock_is_bounded_and_gives_503(settings: Settings, monkeypa
 
 def test_write_lock_times_out_then_can_be_taken(tmp_path: Any) -> None:
     """The lock excludes a second holder for the wait given, then raises; released, it is taken at once."""
-    a, b = WriteLock(tmp_path / "db-intake.lock"), WriteLock(tmp_path / "db-intake.lock")
+    a, b = (WriteLock(tmp_path / "db-intake.lock", tmp_path / "db-intake.waiting") for _ in range(2))
     a.acquire(1)
     with pytest.raises(WriteLockTimeoutError):
         b.acquire(0.05)
@@ -226,6 +230,70 @@ def test_write_lock_times_out_then_can_be_taken(tmp_path: Any) -> None:
     b.release()
     a.close()
     b.close()
+
+
+def test_workers_yield_while_a_push_waits_for_or_holds_the_write_lock(tmp_path: Path) -> None:
+    """yield_to_intake waits (bounded) while a web writer holds or waits for the lock, and not otherwise."""
+    path = str(tmp_path / "db")
+    holder = WriteLock(Path(f"{path}-intake.lock"), Path(intake_waiting_path(path)))
+    waiter = WriteLock(Path(f"{path}-intake.lock"), Path(intake_waiting_path(path)))
+    assert yield_to_intake(path, limit=0.01)
+    holder.acquire(1)
+    assert not yield_to_intake(path, limit=0.02)  # a push is being written
+    with pytest.raises(WriteLockTimeoutError):
+        waiter.acquire(0.02)
+    holder.release()
+    assert yield_to_intake(path, limit=0.01)  # a writer that gave up no longer counts as waiting
+    holder.close()
+    waiter.close()
+
+
+# A worker as under a backlog: back-to-back transactions that each hold SQLite's
+# write lock for 50 ms (a big job's write phase), queued on the workers' lock.
+_BUSY_WORKER = """
+import sys, time
+from pathlib import Path
+from webhook.config import Settings
+from webhook.store import make_engine, worker_writing
+url, seconds, ready = sys.argv[1], float(sys.argv[2]), Path(sys.argv[3])
+engine = make_engine(Settings(token="t", database_url=url, instance_path=ready.parent))
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    with worker_writing(engine):
+        ready.touch()
+        time.sleep(0.05)
+"""
+
+
+def test_a_stream_of_worker_transactions_does_not_starve_pushes(
+    settings: Settings, writer: EventWriter, engine: sa.Engine, tmp_path: Path
+) -> None:
+    """Two workers writing without a pause: every push is still committed within its wait, not refused (503).
+
+    Before workers yielded, the pushes' writer met SQLite's lock in its busy
+    handler and lost it to the next worker again and again, for seconds.
+    """
+    if not settings.database_url.startswith("sqlite"):
+        pytest.skip("the file locks are SQLite's")
+    ready = [tmp_path / f"worker-{i}.ready" for i in range(2)]
+    workers = [
+        subprocess.Popen([sys.executable, "-c", _BUSY_WORKER, settings.database_url, "8", str(r)], cwd=REPO)
+        for r in ready
+    ]
+    try:
+        deadline = time.monotonic() + 30
+        while not all(r.exists() for r in ready):
+            assert time.monotonic() < deadline and all(w.poll() is None for w in workers), "workers did not start"
+            time.sleep(0.01)
+        writer.wait = 1.0  # 20 times a worker transaction
+        ids = [writer.write(new_row(settings, i)) for i in range(20)]
+        assert all(w.poll() is None for w in workers), "the workers stopped before the pushes were written"
+    finally:
+        for w in workers:
+            w.terminate()
+            w.wait(10)
+    assert all(isinstance(i, int) for i in ids)
+    assert len(stored_keys(engine)) == 20
 
 
 def test_postgres_connection_killed_between_pushes_is_replaced(settings: Settings, engine: sa.Engine,

@@ -29,7 +29,9 @@ from . import metrics
 from .envelope import OpenedPush
 from .errors import StoreUnavailableError
 from .events import Push
-from .store import EventStatus, PreparedEventInsert, insert_event, sqlite_file, utcnow
+from .store import (
+    SQLITE_BUSY_SECONDS, EventStatus, PreparedEventInsert, insert_event, intake_waiting_path, sqlite_file, utcnow,
+)
 
 log = logging.getLogger("wxcoupon.webhook")
 
@@ -46,6 +48,7 @@ IDLE_RECYCLE_SECONDS = 60.0
 # well under a millisecond), then back off.
 _LOCK_SLEEP_FIRST = 0.0002
 _LOCK_SLEEP_MAX = 0.002
+_SQLITE_BUSY = 5  # SQLite's result code
 
 
 def _gevent_patched() -> bool:
@@ -90,21 +93,31 @@ class WriteLockTimeoutError(Exception):
 
 
 class WriteLock:
-    """An exclusive lock on a file beside the SQLite database, held from BEGIN to COMMIT.
+    """The web processes' turn at a SQLite file, held from BEGIN to COMMIT.
 
-    Only the web processes' writers take it: they then queue here, woken within
-    a fraction of a millisecond, rather than in SQLite's busy handler. Workers
-    and other writers still meet the web at SQLite's own lock, as before.
+    Two locks on files beside the database. An exclusive one orders the web
+    processes' writers among themselves: they queue here, woken within a
+    fraction of a millisecond, rather than in SQLite's busy handler, which
+    sleeps for whole milliseconds at a time. A shared one tells the workers
+    that a push is waiting for SQLite's write lock: a worker lets it go first
+    (`store.yield_to_intake`), so a push waits behind at most the one worker
+    transaction already running, not behind a backlog's stream of them.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, waiting: Path) -> None:
         self.path = path
+        self.waiting = waiting
         self._fd: int | None = None
+        self._waiting_fd: int | None = None
 
     def acquire(self, timeout: float) -> None:
         """Take the lock, waiting at most `timeout` seconds (WriteLockTimeoutError after that)."""
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if self._waiting_fd is None:
+            self._waiting_fd = os.open(self.waiting, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Blocks only for the instant a worker holds it to look (yield_to_intake).
+        fcntl.flock(self._waiting_fd, fcntl.LOCK_SH)
         deadline = time.monotonic() + timeout
         pause = _LOCK_SLEEP_FIRST
         while True:
@@ -113,8 +126,10 @@ class WriteLock:
                 return
             except OSError as exc:
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    fcntl.flock(self._waiting_fd, fcntl.LOCK_UN)
                     raise
             if time.monotonic() >= deadline:
+                fcntl.flock(self._waiting_fd, fcntl.LOCK_UN)
                 raise WriteLockTimeoutError()
             time.sleep(pause)
             pause = min(pause * 2, _LOCK_SLEEP_MAX)
@@ -123,18 +138,27 @@ class WriteLock:
         """Let the next process in."""
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
+        if self._waiting_fd is not None:
+            fcntl.flock(self._waiting_fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
-        """Close the lock file."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Close the lock files."""
+        for fd in (self._fd, self._waiting_fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._waiting_fd = None
 
 
 def sqlite_write_lock(engine: Engine) -> WriteLock | None:
     """The write lock of a file-backed SQLite database; None for other databases."""
     path = sqlite_file(engine)
-    return None if path is None else WriteLock(Path(f"{path}-intake.lock"))
+    return None if path is None else WriteLock(Path(f"{path}-intake.lock"), Path(intake_waiting_path(path)))
+
+
+def _sqlite_busy(exc: BaseException) -> bool:
+    """True for SQLite's 'database is locked' (SQLITE_BUSY and its extended codes)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF == _SQLITE_BUSY
 
 
 class _Slot:
@@ -291,6 +315,7 @@ class EventWriter:
         raise AssertionError("unreachable")
 
     def _transaction(self, conn: Any, rows: list[dict[str, Any]]) -> list[int | None]:
+        deadline = time.monotonic() + self.wait
         if self.lock is not None:
             try:
                 self.lock.acquire(self.wait)
@@ -300,7 +325,7 @@ class EventWriter:
             cursor = conn.cursor()
             try:
                 if self._sqlite:
-                    cursor.execute("BEGIN IMMEDIATE")
+                    self._begin_immediate(cursor, deadline)
                 elif self._autocommit and len(rows) > 1:
                     cursor.execute("BEGIN")
                 ids = [self.prepared.execute(cursor, row) for row in rows]
@@ -315,6 +340,23 @@ class EventWriter:
         finally:
             if self.lock is not None:
                 self.lock.release()
+
+    def _begin_immediate(self, cursor: Any, deadline: float) -> None:
+        """BEGIN IMMEDIATE, retried after short pauses while another writer (a worker) holds SQLite's lock.
+
+        The connection's busy handler is off (see `_connection`): it would sleep
+        in steps growing to 100 ms and miss the moment the lock is free.
+        """
+        pause = _LOCK_SLEEP_FIRST
+        while True:
+            try:
+                cursor.execute("BEGIN IMMEDIATE")
+                return
+            except self._dbapi_error as exc:
+                if not _sqlite_busy(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, _LOCK_SLEEP_MAX)
 
     def _connection(self) -> Any:
         now = time.monotonic()
@@ -333,6 +375,14 @@ class EventWriter:
                     with contextlib.suppress(Exception):
                         conn.invalidate()
                     raise _StoreError(exc) from None
+            elif self._sqlite:
+                try:
+                    # Busy: retried by _begin_immediate with short pauses, not slept on.
+                    conn.dbapi_connection.execute("PRAGMA busy_timeout=0")  # type: ignore[union-attr]
+                except self._dbapi_error as exc:
+                    with contextlib.suppress(Exception):
+                        conn.invalidate()
+                    raise _StoreError(exc) from None
             self._conn = conn
         self._used_at = now
         return self._conn
@@ -346,6 +396,11 @@ class EventWriter:
                 try:
                     conn.rollback()
                     conn.dbapi_connection.autocommit = False  # as the pool's other users expect it
+                except Exception:
+                    invalidate = True
+            elif not invalidate and self._sqlite:
+                try:
+                    conn.dbapi_connection.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_SECONDS * 1000)}")
                 except Exception:
                     invalidate = True
             if invalidate:

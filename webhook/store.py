@@ -7,6 +7,7 @@ import enum
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -544,9 +545,10 @@ def worker_writing(engine: Engine) -> Iterator[Connection]:
     writer can lose the write lock to busier ones again and again (a job
     waited most of a second behind a dispatcher and another worker). Workers
     of this host queue on a lock file instead, which the kernel hands over the
-    moment it is released; intake does not take it and meets at most one
-    worker transaction at a time. It is a POSIX record lock, which a forked
-    child (RQ's scheduler) does not inherit, held by one thread per process.
+    moment it is released. Intake does not take it: a worker lets the web
+    processes waiting to write go first (`yield_to_intake`), so a push waits
+    behind at most one worker transaction. It is a POSIX record lock, which a
+    forked child (RQ's scheduler) does not inherit, held by one thread per process.
     """
     path = sqlite_file(engine)
     if path is None:
@@ -557,10 +559,48 @@ def worker_writing(engine: Engine) -> Iterator[Connection]:
         fd = os.open(path + ".workers.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX)
+            yield_to_intake(path)
             with writing(engine) as conn:
                 yield conn
         finally:
             os.close(fd)  # releases the lock
+
+
+# Pushes first: a worker about to take SQLite's write lock lets the web
+# processes that are waiting for it go before it, for at most this long. A push
+# then waits behind at most the one worker transaction already running, never
+# behind a backlog's stream of them (Weixin gives up after 5 s).
+INTAKE_PRIORITY_SECONDS = 0.05
+_YIELD_SLEEP = 0.0005
+
+
+def intake_waiting_path(path: str) -> str:
+    """The file a web process holds a shared lock on while it waits for or holds SQLite's write lock."""
+    return path + "-intake.waiting"
+
+
+def yield_to_intake(path: str, limit: float = INTAKE_PRIORITY_SECONDS) -> bool:
+    """Wait until no web process is waiting to write the SQLite file at `path` (at most `limit` s).
+
+    True when none was waiting by then, False when the limit ran out: the caller
+    goes ahead anyway, so that a steady stream of pushes cannot starve the workers.
+    """
+    fd = os.open(intake_waiting_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                # Granted only when no web process holds its shared lock.
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(_YIELD_SLEEP)
+                continue
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return True
+    finally:
+        os.close(fd)
 
 
 _THREAD_LOCKS: dict[str, threading.Lock] = {}
