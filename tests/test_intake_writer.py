@@ -20,7 +20,9 @@ from webhook.envelope import open_push
 from webhook.errors import StoreUnavailableError
 from webhook.events import parse_push
 from webhook.intake import EventWriter, WriteLock, WriteLockTimeoutError, event_row, sqlite_write_lock
-from webhook.store import PreparedEventInsert, events, intake_waiting_path, make_engine, yield_to_intake
+from webhook.store import (
+    PreparedEventInsert, events, intake_waiting_path, make_engine, sqlite_file, worker_writing, yield_to_intake,
+)
 
 from .pushes import make_push
 
@@ -246,6 +248,28 @@ def test_workers_yield_while_a_push_waits_for_or_holds_the_write_lock(tmp_path: 
     assert yield_to_intake(path, limit=0.01)  # a writer that gave up no longer counts as waiting
     holder.close()
     waiter.close()
+
+
+def test_an_unopenable_waiting_file_costs_the_priority_not_the_push(
+    settings: Settings, engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If the shared file cannot be opened (another user's, say), pushes are still stored and workers still write."""
+    path = sqlite_file(engine)
+    if path is None:
+        pytest.skip("the file locks are SQLite's")
+    Path(intake_waiting_path(path)).mkdir()  # opening it for writing fails, even as root
+    writer = EventWriter(engine, sqlite_write_lock(engine))
+    try:
+        with caplog.at_level("WARNING", logger="wxcoupon.webhook"):
+            ids = [writer.write(new_row(settings, i)) for i in range(2)]
+    finally:
+        writer.close()
+    assert all(isinstance(i, int) for i in ids)
+    assert [r.getMessage() for r in caplog.records].count("intake waiting lock unavailable") == 1
+    assert yield_to_intake(path) is False
+    with worker_writing(engine) as conn:
+        conn.execute(sa.update(events).values(attempts=1))
+    assert len(stored_keys(engine)) == 2
 
 
 # A worker as under a backlog: back-to-back transactions that each hold SQLite's

@@ -30,7 +30,8 @@ from .envelope import OpenedPush
 from .errors import StoreUnavailableError
 from .events import Push
 from .store import (
-    SQLITE_BUSY_SECONDS, EventStatus, PreparedEventInsert, insert_event, intake_waiting_path, sqlite_file, utcnow,
+    INTAKE_WAITING_MODE, SQLITE_BUSY_SECONDS, EventStatus, PreparedEventInsert, insert_event, intake_waiting_path,
+    sqlite_file, utcnow,
 )
 
 log = logging.getLogger("wxcoupon.webhook")
@@ -109,15 +110,23 @@ class WriteLock:
         self.waiting = waiting
         self._fd: int | None = None
         self._waiting_fd: int | None = None
+        self._waiting_warned = False
 
     def acquire(self, timeout: float) -> None:
         """Take the lock, waiting at most `timeout` seconds (WriteLockTimeoutError after that)."""
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         if self._waiting_fd is None:
-            self._waiting_fd = os.open(self.waiting, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        # Blocks only for the instant a worker holds it to look (yield_to_intake).
-        fcntl.flock(self._waiting_fd, fcntl.LOCK_SH)
+            try:
+                self._waiting_fd = os.open(self.waiting, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, INTAKE_WAITING_MODE)
+            except OSError as exc:  # the push is still written; the workers just do not know it waits
+                if not self._waiting_warned:
+                    log.warning("intake waiting lock unavailable",
+                                extra={"path": str(self.waiting), "error": type(exc).__name__})  # fmt: skip
+                    self._waiting_warned = True
+        if self._waiting_fd is not None:
+            # Blocks only for the instant a worker holds it to look (yield_to_intake).
+            fcntl.flock(self._waiting_fd, fcntl.LOCK_SH)
         deadline = time.monotonic() + timeout
         pause = _LOCK_SLEEP_FIRST
         while True:
@@ -126,10 +135,10 @@ class WriteLock:
                 return
             except OSError as exc:
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    fcntl.flock(self._waiting_fd, fcntl.LOCK_UN)
+                    self._stop_waiting()
                     raise
             if time.monotonic() >= deadline:
-                fcntl.flock(self._waiting_fd, fcntl.LOCK_UN)
+                self._stop_waiting()
                 raise WriteLockTimeoutError()
             time.sleep(pause)
             pause = min(pause * 2, _LOCK_SLEEP_MAX)
@@ -138,6 +147,9 @@ class WriteLock:
         """Let the next process in."""
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._stop_waiting()
+
+    def _stop_waiting(self) -> None:
         if self._waiting_fd is not None:
             fcntl.flock(self._waiting_fd, fcntl.LOCK_UN)
 

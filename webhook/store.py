@@ -574,6 +574,10 @@ INTAKE_PRIORITY_SECONDS = 0.05
 _YIELD_SLEEP = 0.0005
 
 
+# Shared by the web processes and the workers, which may run as two users of one group (as the database must be).
+INTAKE_WAITING_MODE = 0o660
+
+
 def intake_waiting_path(path: str) -> str:
     """The file a web process holds a shared lock on while it waits for or holds SQLite's write lock."""
     return path + "-intake.waiting"
@@ -585,7 +589,10 @@ def yield_to_intake(path: str, limit: float = INTAKE_PRIORITY_SECONDS) -> bool:
     True when none was waiting by then, False when the limit ran out: the caller
     goes ahead anyway, so that a steady stream of pushes cannot starve the workers.
     """
-    fd = os.open(intake_waiting_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(intake_waiting_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, INTAKE_WAITING_MODE)
+    except OSError:  # e.g. made by a web process of another user without group access: no priority, no failure
+        return False
     try:
         deadline = time.monotonic() + limit
         while True:
