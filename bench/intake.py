@@ -30,10 +30,12 @@ import string
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,6 +285,7 @@ class RunReport:
     notes: list[str] = field(default_factory=list)
 
     other_runs: list[RunReport] = field(default_factory=list)  # the repeats that were not the best
+    window: tuple[float, float] | None = None  # time.monotonic() at the start and end of the measured load
 
     def _all(self) -> list[loadgen.LoadResult]:
         return [self.result, *(r.result for r in self.other_runs), *([self.warmup] if self.warmup else [])]
@@ -345,13 +348,22 @@ class Bench:
             processes=self.args.py_procs, quota=quota, duration=duration, wrap=wrap,
         )  # fmt: skip
 
-    def measure(self, server: Server, label: str, wrap: bool) -> RunReport:
-        """Warm-up, then --repeat measured runs with CPU accounting; the best one stands for the server."""
+    def measure(
+        self, server: Server, label: str, wrap: bool, before_first_run: Callable[[], None] | None = None
+    ) -> RunReport:
+        """Warm-up, then --repeat measured runs with CPU accounting; the best one stands for the server.
+
+        `before_first_run` is called just before the first measured load starts
+        (its pushes sealed, the CPUs found quiet).
+        """
         warmup = None
         if self.args.warmup > 0:
             pool = self.make_pool(self.args.warmup, 0, wrap, "warm-up")
             warmup = self.load(server, pool, self.args.warmup, 0, wrap)
-        runs = [self.measure_once(server, label, wrap, i) for i in range(self.args.repeat)]
+        runs = [
+            self.measure_once(server, label, wrap, i, before_first_run if i == 0 else None)
+            for i in range(self.args.repeat)
+        ]
         best = max(runs, key=lambda r: r.result.events_per_s)
         best.warmup = warmup
         best.other_runs = [r for r in runs if r is not best]
@@ -359,7 +371,9 @@ class Bench:
             print(f"  best of {len(runs)}: run {runs.index(best) + 1}", flush=True)
         return best
 
-    def measure_once(self, server: Server, label: str, wrap: bool, index: int) -> RunReport:
+    def measure_once(
+        self, server: Server, label: str, wrap: bool, index: int, before_load: Callable[[], None] | None = None
+    ) -> RunReport:
         """One measured run."""
         quota = self.args.requests or 0
         if self.args.quiet_wait > 0:
@@ -370,9 +384,13 @@ class Bench:
         tag = "measured" if self.args.repeat == 1 else f"measured {index + 1}/{self.args.repeat}"
         pool = self.make_pool(self.args.duration, quota, wrap, tag)
         db_before = {pid: loadgen.proc_cpu_seconds(pid) for pid in (self.db_pids() if self.db_pids else [])}
+        if before_load is not None:
+            before_load()
         user0, sys0 = server.cpu_seconds()
         busy0, kernel0, total0 = _cpu_times()
+        started = time.monotonic()
         result = self.load(server, pool, self.args.duration, quota, wrap)
+        window = (started, time.monotonic())
         user1, sys1 = server.cpu_seconds()
         busy1, kernel1, total1 = _cpu_times()
         db_after = {pid: loadgen.proc_cpu_seconds(pid) for pid in (self.db_pids() if self.db_pids else [])}
@@ -391,6 +409,7 @@ class Bench:
                                        if result.answered and result.client_cpu_s is not None else None),
             foreign_cpu_share=max(0.0, foreign / (total1 - total0)) if total1 > total0 else None,
             db_cpu_ms_per_request=db_cpu * 1000 / result.answered if db_cpu is not None and result.answered else None,
+            window=window,
         )  # fmt: skip
         print_run(report)
         return report
@@ -398,14 +417,12 @@ class Bench:
     # -- servers
 
     def start_backlog(self, env: dict[str, str], workdir: Path, database_url: str, pg_schema: str | None) -> list[Server]:
-        """`--backlog` stored events and `--backlog-workers` workers draining them (and the new pushes) meanwhile."""
+        """`--backlog-workers` workers draining the `--backlog` stored events (and the new pushes) from now on."""
         import redis
 
-        took = fill_backlog(database_url, self.account, self.args.backlog)
         batch = self.args.backlog_job_batch or "wxcoupon's"
-        print(f"  backlog: {self.args.backlog} pending events stored in {took:.1f}s; "
-              f"{self.args.backlog_workers} workers (job batch {batch}) on {self.args.redis_url} (flushed)",
-              flush=True)  # fmt: skip
+        print(f"  backlog: {self.args.backlog_workers} workers (job batch {batch}) on {self.args.redis_url} "
+              "(flushed) start now, with the measured run", flush=True)  # fmt: skip
         redis.Redis.from_url(self.args.redis_url).flushdb()
         worker_env = {**env, "REDIS_URL": self.args.redis_url}
         if self.args.backlog_job_batch:
@@ -474,11 +491,23 @@ class Bench:
             server = Server(config.label, argv, env, workdir, workdir / "server.log", port)
             server.start()
             workers: list[Server] = []
+            watch: BacklogWatch | None = None
+
+            def start_workers() -> None:
+                nonlocal watch
+                workers.extend(self.start_backlog(env, workdir, database_url, pg_schema))
+                watch = BacklogWatch(database_url, self.args.backlog)
+                watch.start()
+
             try:
                 if self.args.backlog:
-                    workers = self.start_backlog(env, workdir, database_url, pg_schema)
-                report = self.measure(server, config.label, wrap=False)
+                    took = fill_backlog(database_url, self.account, self.args.backlog)
+                    print(f"  backlog: {self.args.backlog} pending events stored in {took:.1f}s", flush=True)
+                report = self.measure(server, config.label, wrap=False,
+                                      before_first_run=start_workers if self.args.backlog else None)  # fmt: skip
             finally:
+                if watch is not None:
+                    watch.stop()
                 server.stop()
                 for worker in workers:
                     worker.stop()
@@ -486,6 +515,8 @@ class Bench:
                 done, total = backlog_done(database_url)
                 note = (f"backlog: {done} of {total} stored events processed by {len(workers)} `wxcoupon worker` "
                         f"processes meanwhile (their CPU counts as other processes')")  # fmt: skip
+                if watch is not None and report.window is not None:
+                    note += "; " + watch.describe(*report.window)
                 print(f"  {note}", flush=True)
                 report.notes.append(note)
             if bare is not None and bare.result.events_per_s:
@@ -567,6 +598,69 @@ def backlog_done(database_url: str) -> tuple[int, int]:
     finally:
         engine.dispose()
     return int(found[0]), int(found[1])
+
+
+class BacklogWatch(threading.Thread):
+    """Samples, twice a second, how much of the backlog is left and how many pushes intake has committed.
+
+    So that a `--backlog` run can tell whether the backlog lasted through the
+    measured run, and what intake took in while it did: the workers drain it at
+    their own pace, and intake alone afterwards is a different measurement.
+    The backlog's rows are the first `size` ids; every later row is a push.
+    """
+
+    INTERVAL = 0.5
+
+    def __init__(self, database_url: str, size: int) -> None:
+        super().__init__(name="backlog-watch", daemon=True)
+        self.size = size
+        self.engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
+        self.samples: list[tuple[float, int, int]] = []  # (monotonic, backlog rows not processed, pushes stored)
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        """Sample until stopped (cheap: an index range and max(id))."""
+        left = sa.text("SELECT count(*) FROM events WHERE status IN ('pending', 'queued', 'processing') AND id <= :n")
+        with self.engine.connect() as conn:
+            while not self._stop_event.is_set():
+                remaining = int(conn.execute(left, {"n": self.size}).scalar_one())
+                top = conn.execute(sa.text("SELECT max(id) FROM events")).scalar_one()
+                conn.rollback()  # a new snapshot next time
+                self.samples.append((time.monotonic(), remaining, max(0, int(top or 0) - self.size)))
+                self._stop_event.wait(self.INTERVAL)
+
+    def stop(self) -> None:
+        """Take a last sample and end the thread."""
+        self._stop_event.set()
+        self.join(10)
+        self.engine.dispose()
+
+    def _pushes_at(self, moment: float) -> float:
+        """Pushes stored at `moment`, interpolated between the samples around it."""
+        before = [s for s in self.samples if s[0] <= moment]
+        after = [s for s in self.samples if s[0] >= moment]
+        if not before:
+            return float(after[0][2]) if after else 0.0
+        if not after:
+            return float(before[-1][2])
+        (t0, _, p0), (t1, _, p1) = before[-1], after[0]
+        return p0 + (p1 - p0) * ((moment - t0) / (t1 - t0) if t1 > t0 else 0.0)
+
+    def describe(self, start: float, end: float) -> str:
+        """When the backlog ran out relative to the measured run [start, end], and intake's rate before and after."""
+        drained = next((t for t, remaining, _ in self.samples if remaining == 0), None)
+        if not self.samples:
+            return "no backlog samples"
+        if drained is None or drained >= end:
+            left = next((r for t, r, _ in reversed(self.samples) if t <= end), self.samples[-1][1])
+            rate = (self._pushes_at(end) - self._pushes_at(start)) / (end - start)
+            return f"it lasted the whole measured run ({left} left at its end): intake {rate:.0f} events/s meanwhile"
+        if drained <= start:
+            return f"it ran out {start - drained:.1f}s before the measured run: intake alone in that run"
+        during = (self._pushes_at(drained) - self._pushes_at(start)) / (drained - start)
+        after = (self._pushes_at(end) - self._pushes_at(drained)) / (end - drained) if end > drained else 0.0
+        return (f"it ran out {drained - start:.1f}s into the {end - start:.1f}s measured run (±{self.INTERVAL}s): "
+                f"intake {during:.0f} events/s while it lasted, {after:.0f} after")  # fmt: skip
 
 
 def check_durability(report: RunReport, database_url: str, backlog: int = 0) -> None:

@@ -571,6 +571,8 @@ def worker_writing(engine: Engine) -> Iterator[Connection]:
 # then waits behind at most the one worker transaction already running, never
 # behind a backlog's stream of them (Weixin gives up after 5 s).
 INTAKE_PRIORITY_SECONDS = 0.05
+# ... and once a push was seen waiting, until none has been for this long.
+INTAKE_QUIET_SECONDS = 0.005
 _YIELD_SLEEP = 0.0005
 
 
@@ -583,29 +585,45 @@ def intake_waiting_path(path: str) -> str:
     return path + "-intake.waiting"
 
 
-def yield_to_intake(path: str, limit: float = INTAKE_PRIORITY_SECONDS) -> bool:
-    """Wait until no web process is waiting to write the SQLite file at `path` (at most `limit` s).
+def yield_to_intake(
+    path: str, limit: float = INTAKE_PRIORITY_SECONDS, quiet: float = INTAKE_QUIET_SECONDS
+) -> bool:
+    """Wait while web processes are writing the SQLite file at `path` (at most `limit` s).
 
-    True when none was waiting by then, False when the limit ran out: the caller
-    goes ahead anyway, so that a steady stream of pushes cannot starve the workers.
+    Returns at once when no push is waiting. Once one was seen, it returns
+    only after `quiet` seconds with none waiting: under a stream of pushes the
+    web processes leave gaps of a millisecond or so between them, and a worker
+    slipping into each would let through a push or two per worker transaction.
+    True when intake went quiet, False when the limit ran out: the caller goes
+    ahead anyway, so that a steady stream of pushes cannot starve the workers.
     """
     try:
         fd = os.open(intake_waiting_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, INTAKE_WAITING_MODE)
     except OSError:  # e.g. made by a web process of another user without group access: no priority, no failure
         return False
     try:
-        deadline = time.monotonic() + limit
+        now = time.monotonic()
+        deadline = now + limit
+        quiet_since: float | None = None
+        seen = False
         while True:
             try:
                 # Granted only when no web process holds its shared lock.
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    return False
-                time.sleep(_YIELD_SLEEP)
-                continue
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return True
+                seen, quiet_since = True, None
+            else:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                if not seen:
+                    return True
+                if quiet_since is None:
+                    quiet_since = now
+                elif now - quiet_since >= quiet:
+                    return True
+            if now >= deadline:
+                return False
+            time.sleep(_YIELD_SLEEP)
+            now = time.monotonic()
     finally:
         os.close(fd)
 
