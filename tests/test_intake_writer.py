@@ -2,6 +2,8 @@
 only after its own row is committed; what fails is refused, never acknowledged."""
 from __future__ import annotations
 
+import fcntl
+import os
 import subprocess
 import sys
 import threading
@@ -270,6 +272,26 @@ def test_an_unopenable_waiting_file_costs_the_priority_not_the_push(
     with worker_writing(engine) as conn:
         conn.execute(sa.update(events).values(attempts=1))
     assert len(stored_keys(engine)) == 2
+
+
+def test_a_worker_frozen_while_it_looks_does_not_hold_up_pushes(
+    settings: Settings, engine: sa.Engine, writer: EventWriter
+) -> None:
+    """The waiting flag is never waited for: with its file locked exclusively (a worker stopped mid-look), pushes are stored."""
+    path = sqlite_file(engine)
+    if path is None:
+        pytest.skip("the file locks are SQLite's")
+    fd = os.open(intake_waiting_path(path), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        done: list[int | None] = []
+        thread = threading.Thread(target=lambda: done.append(writer.write(new_row(settings, 1))), daemon=True)
+        thread.start()
+        thread.join(10)  # a hang would block here for good
+        assert done and isinstance(done[0], int)
+    finally:
+        os.close(fd)
+    assert len(stored_keys(engine)) == 1
 
 
 # A worker as under a backlog: back-to-back transactions that each hold SQLite's

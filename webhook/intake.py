@@ -50,6 +50,7 @@ IDLE_RECYCLE_SECONDS = 60.0
 _LOCK_SLEEP_FIRST = 0.0002
 _LOCK_SLEEP_MAX = 0.002
 _SQLITE_BUSY = 5  # SQLite's result code
+_FLAG_TRIES = 5  # tries at the waiting flag, 0.1 ms apart
 
 
 def _gevent_patched() -> bool:
@@ -125,8 +126,7 @@ class WriteLock:
                                 extra={"path": str(self.waiting), "error": type(exc).__name__})  # fmt: skip
                     self._waiting_warned = True
         if self._waiting_fd is not None:
-            # Blocks only for the instant a worker holds it to look (yield_to_intake).
-            fcntl.flock(self._waiting_fd, fcntl.LOCK_SH)
+            self._flag_waiting(self._waiting_fd)
         deadline = time.monotonic() + timeout
         pause = _LOCK_SLEEP_FIRST
         while True:
@@ -148,6 +148,21 @@ class WriteLock:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         self._stop_waiting()
+
+    @staticmethod
+    def _flag_waiting(fd: int) -> None:
+        """Take the shared lock that tells workers a push waits; never block on it.
+
+        A worker holds it exclusively only for the instant it looks
+        (yield_to_intake); should one be frozen right then, this push goes
+        without the priority rather than wait.
+        """
+        for _ in range(_FLAG_TRIES):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                time.sleep(_LOCK_SLEEP_FIRST / 2)
 
     def _stop_waiting(self) -> None:
         if self._waiting_fd is not None:
