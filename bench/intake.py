@@ -493,15 +493,17 @@ class Bench:
             workers: list[Server] = []
             watch: BacklogWatch | None = None
 
+            last_backlog_id = 0
+
             def start_workers() -> None:
                 nonlocal watch
                 workers.extend(self.start_backlog(env, workdir, database_url, pg_schema))
-                watch = BacklogWatch(database_url, self.args.backlog)
+                watch = BacklogWatch(database_url, last_backlog_id)
                 watch.start()
 
             try:
                 if self.args.backlog:
-                    took = fill_backlog(database_url, self.account, self.args.backlog)
+                    took, last_backlog_id = fill_backlog(database_url, self.account, self.args.backlog)
                     print(f"  backlog: {self.args.backlog} pending events stored in {took:.1f}s", flush=True)
                 report = self.measure(server, config.label, wrap=False,
                                       before_first_run=start_workers if self.args.backlog else None)  # fmt: skip
@@ -512,7 +514,7 @@ class Bench:
                 for worker in workers:
                     worker.stop()
             if workers:
-                done, total = backlog_done(database_url)
+                done, total = backlog_done(database_url, last_backlog_id)
                 note = (f"backlog: {done} of {total} stored events processed by {len(workers)} `wxcoupon worker` "
                         f"processes meanwhile (their CPU counts as other processes')")  # fmt: skip
                 if watch is not None and report.window is not None:
@@ -561,11 +563,11 @@ def postgres_facts(base: str) -> dict[str, str] | None:
         return None
 
 
-BACKLOG_CARD = "pBACKLOG"  # card_id prefix of the backlog's events (`--backlog`)
+def fill_backlog(database_url: str, account: Account, n: int) -> tuple[float, int]:
+    """Store `n` pending user_get_card events, as intake stores them, before any push: (seconds taken, last id).
 
-
-def fill_backlog(database_url: str, account: Account, n: int) -> float:
-    """Store `n` pending user_get_card events, as intake stores them, for the workers to drain; seconds taken."""
+    The backlog is then every row up to that id, and every row after it a push.
+    """
     from webhook.store import events
 
     started = time.perf_counter()
@@ -573,7 +575,7 @@ def fill_backlog(database_url: str, account: Account, n: int) -> float:
     rows = [
         stored_event_row(
             "user_get_card", FromUserName=f"oBACKLOG{tag}{i:012d}", CreateTime=now,
-            CardId=f"{BACKLOG_CARD}{tag}{i % 4:02d}" + "x" * 12, UserCardCode=str(300_000_000_000 + i),
+            CardId=f"pBACKLOG{tag}{i % 4:02d}" + "x" * 12, UserCardCode=str(300_000_000_000 + i),
         )  # fmt: skip
         for i in range(n)
     ]
@@ -582,19 +584,20 @@ def fill_backlog(database_url: str, account: Account, n: int) -> float:
         with engine.begin() as conn:
             for start in range(0, n, 2000):
                 conn.execute(sa.insert(events), rows[start : start + 2000])
+            last = int(conn.execute(sa.select(sa.func.max(events.c.id))).scalar_one() or 0)
     finally:
         engine.dispose()
-    return time.perf_counter() - started
+    return time.perf_counter() - started, last
 
 
-def backlog_done(database_url: str) -> tuple[int, int]:
-    """(processed, all) events of the backlog."""
+def backlog_done(database_url: str, last_id: int) -> tuple[int, int]:
+    """(processed, all) events of the backlog (the rows up to `last_id`)."""
     engine = sa.create_engine(database_url)
     try:
         with engine.connect() as conn:
             found = conn.execute(sa.text(
-                "SELECT count(*) FILTER (WHERE status = 'processed'), count(*) FROM events WHERE card_id LIKE :p"
-            ), {"p": f"{BACKLOG_CARD}%"}).one()  # fmt: skip
+                "SELECT count(*) FILTER (WHERE status = 'processed'), count(*) FROM events WHERE id <= :last"
+            ), {"last": last_id}).one()  # fmt: skip
     finally:
         engine.dispose()
     return int(found[0]), int(found[1])
@@ -606,14 +609,14 @@ class BacklogWatch(threading.Thread):
     So that a `--backlog` run can tell whether the backlog lasted through the
     measured run, and what intake took in while it did: the workers drain it at
     their own pace, and intake alone afterwards is a different measurement.
-    The backlog's rows are the first `size` ids; every later row is a push.
+    The backlog's rows are those up to `last_id`; every later row is a push.
     """
 
     INTERVAL = 0.5
 
-    def __init__(self, database_url: str, size: int) -> None:
+    def __init__(self, database_url: str, last_id: int) -> None:
         super().__init__(name="backlog-watch", daemon=True)
-        self.size = size
+        self.last_id = last_id
         self.engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
         self.samples: list[tuple[float, int, int]] = []  # (monotonic, backlog rows not processed, pushes stored)
         self._stop_event = threading.Event()
@@ -623,14 +626,14 @@ class BacklogWatch(threading.Thread):
         left = sa.text("SELECT count(*) FROM events WHERE status IN ('pending', 'queued', 'processing') AND id <= :n")
         with self.engine.connect() as conn:
             while not self._stop_event.is_set():
-                remaining = int(conn.execute(left, {"n": self.size}).scalar_one())
+                remaining = int(conn.execute(left, {"n": self.last_id}).scalar_one())
                 top = conn.execute(sa.text("SELECT max(id) FROM events")).scalar_one()
                 conn.rollback()  # a new snapshot next time
-                self.samples.append((time.monotonic(), remaining, max(0, int(top or 0) - self.size)))
+                self.samples.append((time.monotonic(), remaining, max(0, int(top or 0) - self.last_id)))
                 self._stop_event.wait(self.INTERVAL)
 
     def stop(self) -> None:
-        """Take a last sample and end the thread."""
+        """End the sampling."""
         self._stop_event.set()
         self.join(10)
         self.engine.dispose()
@@ -648,9 +651,9 @@ class BacklogWatch(threading.Thread):
 
     def describe(self, start: float, end: float) -> str:
         """When the backlog ran out relative to the measured run [start, end], and intake's rate before and after."""
-        drained = next((t for t, remaining, _ in self.samples if remaining == 0), None)
         if not self.samples:
             return "no backlog samples"
+        drained = next((t for t, remaining, _ in self.samples if remaining == 0), None)
         if drained is None or drained >= end:
             left = next((r for t, r, _ in reversed(self.samples) if t <= end), self.samples[-1][1])
             rate = (self._pushes_at(end) - self._pushes_at(start)) / (end - start)

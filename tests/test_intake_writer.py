@@ -225,7 +225,7 @@ def test_sqlite_write_lock_is_bounded_and_gives_503(settings: Settings, monkeypa
 
 def test_write_lock_times_out_then_can_be_taken(tmp_path: Any) -> None:
     """The lock excludes a second holder for the wait given, then raises; released, it is taken at once."""
-    a, b = (WriteLock(tmp_path / "db-intake.lock", tmp_path / "db-intake.waiting") for _ in range(2))
+    a, b = (WriteLock.beside(str(tmp_path / "db")) for _ in range(2))
     a.acquire(1)
     with pytest.raises(WriteLockTimeoutError):
         b.acquire(0.05)
@@ -239,8 +239,7 @@ def test_write_lock_times_out_then_can_be_taken(tmp_path: Any) -> None:
 def test_workers_yield_while_a_push_waits_for_or_holds_the_write_lock(tmp_path: Path) -> None:
     """yield_to_intake waits (bounded) while a web writer holds or waits for the lock, and not otherwise."""
     path = str(tmp_path / "db")
-    holder = WriteLock(Path(f"{path}-intake.lock"), Path(intake_waiting_path(path)))
-    waiter = WriteLock(Path(f"{path}-intake.lock"), Path(intake_waiting_path(path)))
+    holder, waiter = WriteLock.beside(path), WriteLock.beside(path)
     assert yield_to_intake(path, limit=0.01)
     holder.acquire(1)
     assert not yield_to_intake(path, limit=0.02)  # a push is being written
@@ -356,7 +355,6 @@ def test_postgres_connection_killed_between_pushes_is_replaced(settings: Setting
     assert len(stored_keys(engine)) == 2
 
 
-
 def _round_trips(writer: EventWriter, rows: list[dict[str, Any]]) -> tuple[list[int | None], int]:
     """Write `rows` in one transaction through the writer's connection; the ids and the round trips made.
 
@@ -399,6 +397,7 @@ def test_postgres_push_alone_is_one_round_trip_and_the_pool_gets_its_connection_
     writer.close()
     with engine.connect() as conn:
         assert conn.connection.dbapi_connection.autocommit is False  # type: ignore[union-attr]
+
 
 @pytest.mark.parametrize("mode", [["--threads", "8"], ["--worker-class", "gevent"]], ids=["gthread", "gevent"])
 def test_concurrent_server_commits_every_push_it_acknowledges(settings: Settings, tmp_path: Path, mode: list[str]) -> None:

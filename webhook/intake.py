@@ -19,6 +19,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from .errors import StoreUnavailableError
 from .events import Push
 from .store import (
     INTAKE_WAITING_MODE, SQLITE_BUSY_SECONDS, EventStatus, PreparedEventInsert, insert_event, intake_waiting_path,
-    sqlite_file, utcnow,
+    open_lock_file, sqlite_file, utcnow,
 )
 
 log = logging.getLogger("wxcoupon.webhook")
@@ -50,7 +51,30 @@ IDLE_RECYCLE_SECONDS = 60.0
 _LOCK_SLEEP_FIRST = 0.0002
 _LOCK_SLEEP_MAX = 0.002
 _SQLITE_BUSY = 5  # SQLite's result code
-_FLAG_TRIES = 5  # tries at the waiting flag, 0.1 ms apart
+# How long a push tries for the waiting flag (held exclusively by a worker only for an instant).
+_FLAG_WAIT = 0.0005
+
+
+def _poll(attempt: Callable[[], bool], deadline: float) -> bool:
+    """Call `attempt` until it returns True (True) or `deadline` passes (False), backing off 0.2 to 2 ms."""
+    pause = _LOCK_SLEEP_FIRST
+    while not attempt():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, _LOCK_SLEEP_MAX)
+    return True
+
+
+def _try_flock(fd: int, operation: int) -> bool:
+    """One non-blocking flock: True if taken, False if another holder has it."""
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        return False
+    return True
 
 
 def _gevent_patched() -> bool:
@@ -111,37 +135,28 @@ class WriteLock:
         self.waiting = waiting
         self._fd: int | None = None
         self._waiting_fd: int | None = None
-        self._waiting_warned = False
+        self._waiting_opened = False  # tried once: a file that cannot be opened is not tried again per push
+
+    @classmethod
+    def beside(cls, database: str) -> WriteLock:
+        """The lock of the SQLite file at `database`."""
+        return cls(Path(f"{database}-intake.lock"), Path(intake_waiting_path(database)))
 
     def acquire(self, timeout: float) -> None:
         """Take the lock, waiting at most `timeout` seconds (WriteLockTimeoutError after that)."""
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        if self._waiting_fd is None:
-            try:
-                self._waiting_fd = os.open(self.waiting, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, INTAKE_WAITING_MODE)
-            except OSError as exc:  # the push is still written; the workers just do not know it waits
-                if not self._waiting_warned:
-                    log.warning("intake waiting lock unavailable",
-                                extra={"path": str(self.waiting), "error": type(exc).__name__})  # fmt: skip
-                    self._waiting_warned = True
-        if self._waiting_fd is not None:
-            self._flag_waiting(self._waiting_fd)
         deadline = time.monotonic() + timeout
-        pause = _LOCK_SLEEP_FIRST
-        while True:
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    self._stop_waiting()
-                    raise
-            if time.monotonic() >= deadline:
-                self._stop_waiting()
-                raise WriteLockTimeoutError()
-            time.sleep(pause)
-            pause = min(pause * 2, _LOCK_SLEEP_MAX)
+        if self._fd is None:
+            self._fd = open_lock_file(str(self.path))
+        fd = self._fd
+        self._flag_waiting()
+        try:
+            taken = _poll(lambda: _try_flock(fd, fcntl.LOCK_EX), deadline)
+        except BaseException:
+            self._stop_waiting()
+            raise
+        if not taken:
+            self._stop_waiting()
+            raise WriteLockTimeoutError()
 
     def release(self) -> None:
         """Let the next process in."""
@@ -149,20 +164,23 @@ class WriteLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         self._stop_waiting()
 
-    @staticmethod
-    def _flag_waiting(fd: int) -> None:
-        """Take the shared lock that tells workers a push waits; never block on it.
+    def _flag_waiting(self) -> None:
+        """Take the shared lock that tells workers a push waits; never wait long for it.
 
         A worker holds it exclusively only for the instant it looks
-        (yield_to_intake); should one be frozen right then, this push goes
-        without the priority rather than wait.
+        (yield_to_intake); should one be frozen right then, or the file not
+        open for us, this push goes without the priority rather than wait.
         """
-        for _ in range(_FLAG_TRIES):
+        if not self._waiting_opened:
+            self._waiting_opened = True
             try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                time.sleep(_LOCK_SLEEP_FIRST / 2)
+                self._waiting_fd = open_lock_file(str(self.waiting), INTAKE_WAITING_MODE)
+            except OSError as exc:  # the push is still written; the workers just do not know it waits
+                log.warning("intake waiting lock unavailable",
+                            extra={"path": str(self.waiting), "error": type(exc).__name__})  # fmt: skip
+        fd = self._waiting_fd
+        if fd is not None:
+            _poll(lambda: _try_flock(fd, fcntl.LOCK_SH), time.monotonic() + _FLAG_WAIT)
 
     def _stop_waiting(self) -> None:
         if self._waiting_fd is not None:
@@ -174,12 +192,13 @@ class WriteLock:
             if fd is not None:
                 os.close(fd)
         self._fd = self._waiting_fd = None
+        self._waiting_opened = False
 
 
 def sqlite_write_lock(engine: Engine) -> WriteLock | None:
     """The write lock of a file-backed SQLite database; None for other databases."""
     path = sqlite_file(engine)
-    return None if path is None else WriteLock(Path(f"{path}-intake.lock"), Path(intake_waiting_path(path)))
+    return None if path is None else WriteLock.beside(path)
 
 
 def _sqlite_busy(exc: BaseException) -> bool:
@@ -374,16 +393,18 @@ class EventWriter:
         The connection's busy handler is off (see `_connection`): it would sleep
         in steps growing to 100 ms and miss the moment the lock is free.
         """
-        pause = _LOCK_SLEEP_FIRST
-        while True:
+
+        def begin() -> bool:
             try:
                 cursor.execute("BEGIN IMMEDIATE")
-                return
             except self._dbapi_error as exc:
-                if not _sqlite_busy(exc) or time.monotonic() >= deadline:
+                if not _sqlite_busy(exc):
                     raise
-            time.sleep(pause)
-            pause = min(pause * 2, _LOCK_SLEEP_MAX)
+                return False
+            return True
+
+        if not _poll(begin, deadline):
+            raise _StoreError(WriteLockTimeoutError())
 
     def _connection(self) -> Any:
         now = time.monotonic()

@@ -556,7 +556,7 @@ def worker_writing(engine: Engine) -> Iterator[Connection]:
             yield conn
         return
     with _thread_lock(path):
-        fd = os.open(path + ".workers.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = open_lock_file(path + ".workers.lock")
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX)
             yield_to_intake(path)
@@ -580,6 +580,11 @@ _YIELD_SLEEP = 0.0005
 INTAKE_WAITING_MODE = 0o660
 
 
+def open_lock_file(path: str, mode: int = 0o600) -> int:
+    """A descriptor on a lock file beside the database, made if missing (not inherited by child programs)."""
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
+
+
 def intake_waiting_path(path: str) -> str:
     """The file a web process holds a shared lock on while it waits for or holds SQLite's write lock."""
     return path + "-intake.waiting"
@@ -598,7 +603,7 @@ def yield_to_intake(
     ahead anyway, so that a steady stream of pushes cannot starve the workers.
     """
     try:
-        fd = os.open(intake_waiting_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, INTAKE_WAITING_MODE)
+        fd = open_lock_file(intake_waiting_path(path), INTAKE_WAITING_MODE)
     except OSError:  # e.g. made by a web process of another user without group access: no priority, no failure
         return False
     try:

@@ -1,8 +1,7 @@
-"""The admin page's reads, and the one write it may do: revive events for replay.
+"""The admin page's reads: the event log page and the backlog.
 
 Flask-free. The event filter, the replayable statuses and the revive statement
-live in `webhook.eventfilter`, shared with the `wxcoupon replay` command; they
-are re-exported here for this module's existing callers.
+live in `webhook.eventfilter`, shared with the `wxcoupon replay` command.
 """
 from __future__ import annotations
 
@@ -11,13 +10,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
-from webhook.eventfilter import LOG_COLUMNS, REPLAYABLE, EventFilter, count_events, event_ids_after, revive_events
+from webhook.eventfilter import LOG_COLUMNS, EventFilter
 from webhook.store import EventStatus, events
-
-__all__ = [
-    "LOG_COLUMNS", "PAGE_SIZE", "REPLAYABLE", "EventFilter", "backlog", "count_events", "event_ids_after", "event_log",
-    "revive_events",
-]  # fmt: skip
 
 PAGE_SIZE = 50
 
