@@ -214,7 +214,9 @@ class _Slot:
 
     def __init__(self, row: dict[str, Any]) -> None:
         self.row = row
-        self.done = threading.Event()
+        # Only a request that waits for another's transaction needs an Event:
+        # the one that leads (every push, under sync workers) goes without.
+        self.done: threading.Event | None = None
         self.lead = False  # set when this request is to run the next transaction
         self.event_id: int | None = None
         self.error: StoreUnavailableError | None = None
@@ -252,6 +254,7 @@ class EventWriter:
         self._waiting: list[_Slot] = []
         self._leading = False
         self._conn: Any = None  # the pool connection only the leader uses
+        self._cursor: Any = None  # and its cursor
         self._used_at = 0.0
         self._cooperative = _gevent_patched()
 
@@ -262,8 +265,10 @@ class EventWriter:
         """
         slot = _Slot(row)
         with self._mutex:
-            self._waiting.append(slot)
             lead = not self._leading
+            if not lead:
+                slot.done = threading.Event()
+            self._waiting.append(slot)
             self._leading = True
         if not lead:
             self._wait(slot)
@@ -280,6 +285,7 @@ class EventWriter:
         return slot.outcome()
 
     def _wait(self, slot: _Slot) -> None:
+        assert slot.done is not None  # a follower's
         if slot.done.wait(self.wait):
             return
         with self._mutex:
@@ -298,6 +304,7 @@ class EventWriter:
             if self._waiting:
                 follower = self._waiting[0]
                 follower.lead = True
+                assert follower.done is not None  # only the leader goes without, and it is not waiting
                 follower.done.set()
             else:
                 self._leading = False
@@ -325,7 +332,8 @@ class EventWriter:
                 slot.event_id = event_id
         finally:
             for slot in batch:
-                slot.done.set()
+                if slot.done is not None:
+                    slot.done.set()
 
     def _commit_one(self, slot: _Slot) -> None:
         try:
@@ -368,15 +376,12 @@ class EventWriter:
             except WriteLockTimeoutError as exc:
                 raise _StoreError(exc) from None
         try:
-            cursor = conn.cursor()
-            try:
-                if self._sqlite:
-                    self._begin_immediate(cursor, deadline)
-                elif self._autocommit and len(rows) > 1:
-                    cursor.execute("BEGIN")
-                ids = [self.prepared.execute(cursor, row) for row in rows]
-            finally:
-                cursor.close()
+            cursor = self._cursor
+            if self._sqlite:
+                self._begin_immediate(cursor, deadline)
+            elif self._autocommit and len(rows) > 1:
+                cursor.execute("BEGIN")
+            ids = [self.prepared.execute(cursor, row) for row in rows]
             conn.commit()  # in autocommit, a lone INSERT is committed already: no round trip
             return ids
         except BaseException:
@@ -432,6 +437,7 @@ class EventWriter:
                         conn.invalidate()
                     raise _StoreError(exc) from None
             self._conn = conn
+            self._cursor = conn.cursor()  # one for the connection's life: reading each INSERT to the end leaves it idle
         self._used_at = now
         return self._conn
 
@@ -439,6 +445,9 @@ class EventWriter:
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        cursor, self._cursor = self._cursor, None
+        with contextlib.suppress(Exception):
+            cursor.close()
         with contextlib.suppress(Exception):
             if not invalidate and self._autocommit:
                 try:
