@@ -33,31 +33,36 @@ def receive() -> Response:
     return Response("success", mimetype="text/plain")
 
 
-def main() -> None:
-    """Serve `app` under gunicorn with wxcoupon's own serve settings."""
+def serve(wsgi: Any, description: str, argv: list[str] | None = None) -> None:
+    """Serve `wsgi` under gunicorn with wxcoupon's own serve settings, from the command line."""
     from gunicorn.app.base import BaseApplication
 
     from workers.cli.service import DEFAULT_WEB_THREADS, DEFAULT_WEB_WORKER_CLASS, WORKER_CLASSES, gunicorn_options
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=DEFAULT_WEB_THREADS, help="per worker; 1: sync workers")
     parser.add_argument("--worker-class", choices=WORKER_CLASSES, default=DEFAULT_WEB_WORKER_CLASS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     options = gunicorn_options(args.host, args.port, args.workers, access_log=False, threads=args.threads,
                                worker_class=args.worker_class)
 
-    class BareApplication(BaseApplication):
+    class BenchApplication(BaseApplication):
         def load_config(self) -> None:
             for key, value in options.items():
                 self.cfg.set(key, value)
 
         def load(self) -> Any:
-            return app
+            return wsgi
 
-    BareApplication().run()
+    BenchApplication().run()
+
+
+def main() -> None:
+    """Serve `app` under gunicorn with wxcoupon's own serve settings."""
+    serve(app, __doc__.splitlines()[0] if __doc__ else "bare app")
 
 
 if __name__ == "__main__":

@@ -283,6 +283,7 @@ class RunReport:
     rows_by_status: dict[str, int] = field(default_factory=dict)
     durable_ok: bool | None = None
     notes: list[str] = field(default_factory=list)
+    reference: bool = False  # issue 2's yardstick handler (--reference), not wxcoupon
 
     other_runs: list[RunReport] = field(default_factory=list)  # the repeats that were not the best
     window: tuple[float, float] | None = None  # time.monotonic() at the start and end of the measured load
@@ -454,6 +455,39 @@ class Bench:
             return self.measure(server, label, wrap=True)
         finally:
             server.stop()
+
+    def run_reference(self, bare: RunReport | None, enqueue: bool) -> RunReport:
+        """Issue 2's yardstick (bench/reference_app.py) under the same settings; with `enqueue`, one RQ enqueue per push."""
+        port = free_port()
+        label = "wechatpy reference" + (" + RQ" if enqueue else "")
+        workdir = self.tmp_root / label.replace(" ", "-").replace("+", "")
+        workdir.mkdir()
+        database = workdir / "reference.sqlite3"
+        argv = [sys.executable, str(BENCH / "reference_app.py"), "--database", str(database),
+                "--host", "127.0.0.1", "--port", str(port), "--workers", str(self.args.workers),
+                "--threads", str(self.args.web_threads), "--worker-class", self.args.worker_class]  # fmt: skip
+        if enqueue:
+            import redis
+
+            redis.Redis.from_url(self.args.redis_url).flushdb()
+            argv += ["--enqueue", self.args.redis_url]
+        server = Server(label, argv, clean_env(**self.account.env()), workdir, workdir / "server.log", port)
+        print(f"\n== {label} (bench/reference_app.py: check, decrypt, parse, SQLite FULL insert + commit"
+              f"{', one RQ enqueue on ' + self.args.redis_url if enqueue else ''})", flush=True)  # fmt: skip
+        server.start()
+        try:
+            report = self.measure(server, label, wrap=False)
+        finally:
+            server.stop()
+            if enqueue:
+                import redis
+
+                redis.Redis.from_url(self.args.redis_url).flushdb()
+        report.reference = True
+        if bare is not None and bare.result.events_per_s:
+            report.ratio = report.result.events_per_s / bare.result.events_per_s
+        check_durability(report, f"sqlite:///{database}")
+        return report
 
     def run_wxcoupon(self, config: Config, bare: RunReport | None) -> RunReport:
         """One wxcoupon configuration on a fresh database."""
@@ -762,7 +796,7 @@ def print_summary(bare: RunReport | None, reports: list[RunReport], args: argpar
             ratio = f"{rep.ratio:.2f}" if rep.ratio is not None else "-"
             durable = "yes" if rep.durable_ok else "NO"
             met = rep.ratio is not None and rep.ratio >= TARGET_RATIO and p99 is not None and p99 < TARGET_P99_MS
-            target = "met" if met else "missed"
+            target = "(ref.)" if rep.reference else "met" if met else "missed"
         print(f"{rep.label:<24} {r.rps:>8.0f} {r.events_per_s:>9.0f} {_ms(r.latency_ms.get('50')):>7} "
               f"{_ms(p99):>7} {r.non_2xx:>8} {ratio:>6} {_cpu(rep.cpu_ms_per_request):>10} {cpu_ratio:>9} "
               f"{100 * (rep.foreign_cpu_share or 0):>6.0f} {durable:>10} {target:>8}")  # fmt: skip
@@ -844,18 +878,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1,
                    help="measured runs per server, each with new pushes; the best is reported (default 1)")  # fmt: skip
     p.add_argument("--no-bare", action="store_true", help="skip the bare app (no ratio)")
+    p.add_argument("--reference", action="store_true",
+                   help="also measure issue 2's yardstick, a straightforward wechatpy handler (bench/reference_app.py), "
+                        "without and with one RQ enqueue per push (on --redis-url, flushed); needs wechatpy")  # fmt: skip
     p.add_argument("--backlog", type=int, default=0,
                    help="store N pending events before each wxcoupon run and drain them with workers meanwhile")
     p.add_argument("--backlog-workers", type=int, default=2, help="`wxcoupon worker` processes for --backlog (default 2)")
     p.add_argument("--backlog-job-batch", type=int, default=0, help="WXCOUPON_JOB_BATCH of those workers (default wxcoupon's)")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/10",
-                   help="Redis for the --backlog workers (loopback only; this database is flushed)")
+                   help="Redis for the --backlog workers and --reference's enqueue (loopback only; this database is flushed)")
     p.add_argument("--quiet-wait", type=float, default=60.0,
                    help="before each measured run, wait up to this many seconds for the CPUs to be idle (default 60)")  # fmt: skip
     p.add_argument("--tmpdir", default=None, help="where the instance folders go (default: the system temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (databases, server logs)")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
     args = p.parse_args(argv)
+    if args.reference:
+        try:
+            import wechatpy  # noqa: F401
+        except ImportError:
+            p.error("--reference needs wechatpy: .venv/bin/pip install -e '.[bench]'")
     args.duration_given = args.duration is not None
     if args.duration is None:
         args.duration = 15.0
@@ -915,6 +957,8 @@ def main(argv: list[str] | None = None) -> int:
             bare = bench.run_bare(args.web_threads, args.worker_class)
             if args.web_threads > 1 or args.worker_class != "sync":
                 bare_sync = bench.run_bare(1, "sync")  # the default workers' baseline, for comparison
+        if args.reference:
+            reports.extend(bench.run_reference(bare, enqueue) for enqueue in (False, True))
         for config in configs:
             reports.append(bench.run_wxcoupon(config, bare))
     finally:
@@ -931,7 +975,7 @@ def main(argv: list[str] | None = None) -> int:
                          for r in ([bare] if bare else []) + ([bare_sync] if bare_sync else []) + reports]}  # fmt: skip
         args.json.write_text(json.dumps(data, indent=2, default=str))
         print(f"results written to {args.json}")
-    return 0 if all(r.durable_ok for r in reports) else 1
+    return 0 if all(r.durable_ok for r in reports if not r.reference) else 1
 
 
 if __name__ == "__main__":
