@@ -191,6 +191,11 @@ def configure_logging(log_format: str = "text", level: int = logging.INFO) -> No
     if getattr(root, "_wxcoupon_configured", False):
         return
     handler = make_handler(log_format)
+    # logging's documented switches for what no line here shows: every record
+    # (one per push) would otherwise look up its thread's and process's names.
+    # The process id stays: gunicorn's own lines print it.
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     # RQ adds its own handler only when its logger has none, so ours is used.
     for name in ("wxcoupon", "rq"):
         logger = logging.getLogger(name)
