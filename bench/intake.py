@@ -894,6 +894,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
     args = p.parse_args(argv)
     if args.reference:
+        if args.worker_class != "sync" or args.web_threads > 1:
+            p.error("--reference runs under sync workers only (the handler keeps one SQLite connection per process)")
         try:
             import wechatpy  # noqa: F401
         except ImportError:
