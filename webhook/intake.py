@@ -221,6 +221,11 @@ class _Slot:
         self.event_id: int | None = None
         self.error: StoreUnavailableError | None = None
 
+    def wake(self) -> None:
+        """Let the request go on, if it is waiting (a follower's)."""
+        if self.done is not None:
+            self.done.set()
+
     def outcome(self) -> int | None:
         """The id, None for a duplicate, or the error that kept the row out."""
         if self.error is not None:
@@ -267,11 +272,11 @@ class EventWriter:
         with self._mutex:
             lead = not self._leading
             if not lead:
-                slot.done = threading.Event()
+                slot.done = done = threading.Event()
             self._waiting.append(slot)
             self._leading = True
         if not lead:
-            self._wait(slot)
+            self._wait(slot, done)
             if not slot.lead:
                 return slot.outcome()
         elif self._cooperative:
@@ -284,9 +289,8 @@ class EventWriter:
             self._hand_over()
         return slot.outcome()
 
-    def _wait(self, slot: _Slot) -> None:
-        assert slot.done is not None  # a follower's
-        if slot.done.wait(self.wait):
+    def _wait(self, slot: _Slot, done: threading.Event) -> None:
+        if done.wait(self.wait):
             return
         with self._mutex:
             if slot.lead:
@@ -296,7 +300,7 @@ class EventWriter:
                 slot.error = StoreUnavailableError()
                 return
         # Its transaction is running: see it through, within bounds.
-        if not slot.done.wait(self.wait):
+        if not done.wait(self.wait):
             slot.error = StoreUnavailableError()
 
     def _hand_over(self) -> None:
@@ -304,8 +308,7 @@ class EventWriter:
             if self._waiting:
                 follower = self._waiting[0]
                 follower.lead = True
-                assert follower.done is not None  # only the leader goes without, and it is not waiting
-                follower.done.set()
+                follower.wake()
             else:
                 self._leading = False
 
@@ -332,8 +335,7 @@ class EventWriter:
                 slot.event_id = event_id
         finally:
             for slot in batch:
-                if slot.done is not None:
-                    slot.done.set()
+                slot.wake()
 
     def _commit_one(self, slot: _Slot) -> None:
         try:
