@@ -19,6 +19,7 @@ from webhook import weixin_api
 from webhook.config import ConfigError, Settings
 from workers.fake_weixin import FakeWeixin
 from webhook.weixin_api import (
+    ERRCODE_HTTP,
     AmbiguousTimeoutError,
     CardUnavailableError,
     CodeConsumedError,
@@ -371,6 +372,27 @@ def test_http_5xx_is_transient_and_retried(fake_weixin: FakeWeixin, weixin_clien
     fake_weixin.inject_fault("/card/code/get", http_status=502, count=1)
     assert weixin_client.get_code(added["code"])["user_card_status"] == "NORMAL"
     assert fake_weixin.calls("/card/code/get") == 2
+
+
+@pytest.mark.parametrize("status", [408, 429])
+def test_a_request_turned_away_unread_is_retried(fake_weixin: FakeWeixin, weixin_client: WeixinClient,
+                                                 status: int) -> None:  # fmt: skip
+    """408 and 429 (from Weixin's gateway or a proxy on the way) mean nothing was done: asked again."""
+    added = fake_weixin.add_card(f"pCard{status}", "oUser")
+    fake_weixin.inject_fault("/card/code/get", http_status=status, count=1)
+    assert weixin_client.get_code(added["code"])["user_card_status"] == "NORMAL"
+    assert fake_weixin.calls("/card/code/get") == 2
+
+
+def test_other_http_4xx_is_permanent(fake_weixin: FakeWeixin, weixin_client: WeixinClient) -> None:
+    """A 403 (a proxy refusing us, say) is not cured by asking again: one call, WeixinAPIError."""
+    added = fake_weixin.add_card("pCard403", "oUser")
+    fake_weixin.inject_fault("/card/code/get", http_status=403, count=5)
+    with pytest.raises(WeixinAPIError) as caught:
+        weixin_client.get_code(added["code"])
+    assert not isinstance(caught.value, TransientWeixinError)
+    assert caught.value.errcode == ERRCODE_HTTP
+    assert fake_weixin.calls("/card/code/get") == 1
 
 
 def test_quota_is_not_retried(fake_weixin: FakeWeixin, redis_client: redis.Redis) -> None:

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 # Defaults, one place.
 DEFAULT_TIMEOUT = 4.0  # seconds, connect and read each
-DEFAULT_RETRY_ATTEMPTS = 3  # tries in all for transient failures (-1, 5xx, network)
+DEFAULT_RETRY_ATTEMPTS = 3  # tries in all for transient failures (-1, 5xx, 408, 429, network)
 DEFAULT_BACKOFF_BASE = 0.2  # seconds before the 2nd try; doubles each try
 DEFAULT_BACKOFF_MAX = 2.0  # cap of one backoff sleep
 POOL_SIZE = 10  # kept-alive connections per host (a worker runs a few calls at once)
@@ -60,6 +60,9 @@ DEFAULT_EXPIRES_IN = 7200  # what Weixin grants when a reply omits expires_in
 ERRCODE_NETWORK = -1001  # connection failed or was lost
 ERRCODE_TIMEOUT = -1002  # no reply within the timeout
 ERRCODE_HTTP = -1003  # HTTP status other than 200
+# Statuses with which a server or proxy turns a request away without acting on
+# it (timed out reading it; rate limited): as safe to send again as a 503.
+_REFUSED_UNREAD = frozenset({408, 429})
 ERRCODE_BAD_RESPONSE = -1004  # reply is not a JSON object, or lacks a field
 ERRCODE_LOCK = -1005  # another process holds the refresh lock for too long
 
@@ -81,7 +84,7 @@ class WeixinAPIError(Exception):
 
 
 class TransientWeixinError(WeixinAPIError):
-    """Worth retrying later: -1 system busy, HTTP 5xx, network failure before sending."""
+    """Worth retrying later: -1 system busy, HTTP 5xx, 408 or 429, network failure before sending."""
 
 
 class TokenError(WeixinAPIError):
@@ -518,6 +521,8 @@ class WeixinClient:
         if status >= 500:
             if status == 504 and not idempotent:
                 raise AmbiguousTimeoutError(ERRCODE_HTTP, "HTTP 504 after sending; outcome unknown", path)
+            raise TransientWeixinError(ERRCODE_HTTP, f"HTTP {status}", path)
+        if status in _REFUSED_UNREAD:
             raise TransientWeixinError(ERRCODE_HTTP, f"HTTP {status}", path)
         if status != 200:
             raise WeixinAPIError(ERRCODE_HTTP, f"HTTP {status}", path)
