@@ -366,18 +366,11 @@ def test_system_busy_exhausts_the_bounded_retries(fake_weixin: FakeWeixin, redis
     assert len(sleeps.delays) == 2
 
 
-def test_http_5xx_is_transient_and_retried(fake_weixin: FakeWeixin, weixin_client: WeixinClient) -> None:
-    """A 502 from the gateway is retried like -1."""
-    added = fake_weixin.add_card("pCard502", "oUser")
-    fake_weixin.inject_fault("/card/code/get", http_status=502, count=1)
-    assert weixin_client.get_code(added["code"])["user_card_status"] == "NORMAL"
-    assert fake_weixin.calls("/card/code/get") == 2
-
-
-@pytest.mark.parametrize("status", [408, 429])
-def test_a_request_turned_away_unread_is_retried(fake_weixin: FakeWeixin, weixin_client: WeixinClient,
-                                                 status: int) -> None:  # fmt: skip
-    """408 and 429 (from Weixin's gateway or a proxy on the way) mean nothing was done: asked again."""
+@pytest.mark.parametrize("status", [502, 503, 408, 429])
+def test_http_5xx_408_and_429_are_transient_and_retried(fake_weixin: FakeWeixin, weixin_client: WeixinClient,
+                                                       status: int) -> None:  # fmt: skip
+    """A 5xx from the gateway is retried like -1; so are 408 and 429 (Weixin's gateway or a proxy on the way
+    turned the request away unread)."""
     added = fake_weixin.add_card(f"pCard{status}", "oUser")
     fake_weixin.inject_fault("/card/code/get", http_status=status, count=1)
     assert weixin_client.get_code(added["code"])["user_card_status"] == "NORMAL"
