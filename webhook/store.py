@@ -31,7 +31,6 @@ from sqlalchemy import (
     event,
     func,
     select,
-    text,
     tuple_,
     update,
 )
@@ -83,9 +82,7 @@ def work_columns() -> list[Any]:
         Column("job_id", String(64)),
         Column("last_error", Text),
         Index(None, "status", "id"),
-        # Rows are stored without a job and every lookup asks for one: a new
-        # row stays out of this index (migration 0004).
-        Index(None, "job_id", sqlite_where=text("job_id IS NOT NULL"), postgresql_where=text("job_id IS NOT NULL")),
+        Index(None, "job_id"),
     ]
 
 
