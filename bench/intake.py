@@ -299,6 +299,11 @@ class RunReport:
         """Answers other than 200 in the warm-up and every measured run."""
         return sum(r.non_200 for r in self._all())
 
+    def compare_with(self, bare: RunReport | None) -> None:
+        """Set the ratio of this server's events/s to the bare app's req/s (when there is one)."""
+        if bare is not None and bare.result.events_per_s:
+            self.ratio = self.result.events_per_s / bare.result.events_per_s
+
 
 class Bench:
     """Runs the bare app and each configuration with the chosen load generator."""
@@ -464,12 +469,13 @@ class Bench:
         workdir.mkdir()
         database = workdir / "reference.sqlite3"
         argv = [sys.executable, str(BENCH / "reference_app.py"), "--database", str(database),
-                "--host", "127.0.0.1", "--port", str(port), "--workers", str(self.args.workers),
-                "--threads", str(self.args.web_threads), "--worker-class", self.args.worker_class]  # fmt: skip
+                "--host", "127.0.0.1", "--port", str(port), "--workers", str(self.args.workers)]  # fmt: skip
+        flush: Callable[[], Any] = lambda: None  # noqa: E731
         if enqueue:
             import redis
 
-            redis.Redis.from_url(self.args.redis_url).flushdb()
+            flush = redis.Redis.from_url(self.args.redis_url).flushdb
+            flush()
             argv += ["--enqueue", self.args.redis_url]
         server = Server(label, argv, clean_env(**self.account.env()), workdir, workdir / "server.log", port)
         print(f"\n== {label} (bench/reference_app.py: check, decrypt, parse, SQLite FULL insert + commit"
@@ -479,13 +485,9 @@ class Bench:
             report = self.measure(server, label, wrap=False)
         finally:
             server.stop()
-            if enqueue:
-                import redis
-
-                redis.Redis.from_url(self.args.redis_url).flushdb()
+            flush()
         report.reference = True
-        if bare is not None and bare.result.events_per_s:
-            report.ratio = report.result.events_per_s / bare.result.events_per_s
+        report.compare_with(bare)
         check_durability(report, f"sqlite:///{database}")
         return report
 
@@ -555,8 +557,7 @@ class Bench:
                     note += "; " + watch.describe(*report.window)
                 print(f"  {note}", flush=True)
                 report.notes.append(note)
-            if bare is not None and bare.result.events_per_s:
-                report.ratio = report.result.events_per_s / bare.result.events_per_s
+            report.compare_with(bare)
             check_durability(report, database_url, self.args.backlog)
             if report.non_200():
                 report.notes.append("server log tail:\n" + server.log_tail(15))

@@ -23,7 +23,8 @@ from webhook.errors import StoreUnavailableError
 from webhook.events import parse_push
 from webhook.intake import EventWriter, WriteLock, WriteLockTimeoutError, event_row, sqlite_write_lock
 from webhook.store import (
-    PreparedEventInsert, events, intake_waiting_path, make_engine, sqlite_file, worker_writing, yield_to_intake,
+    PreparedEventInsert, events, intake_waiting_path, make_engine, open_lock_file, sqlite_file, worker_writing,
+    yield_to_intake,
 )
 
 from .pushes import make_push
@@ -280,7 +281,7 @@ def test_a_worker_frozen_while_it_looks_does_not_hold_up_pushes(
     path = sqlite_file(engine)
     if path is None:
         pytest.skip("the file locks are SQLite's")
-    fd = os.open(intake_waiting_path(path), os.O_RDWR | os.O_CREAT, 0o600)
+    fd = open_lock_file(intake_waiting_path(path))
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         done: list[int | None] = []

@@ -12,7 +12,6 @@ SQLite's busy handler, which sleeps for whole milliseconds at a time.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import os
@@ -32,7 +31,7 @@ from .errors import StoreUnavailableError
 from .events import Push
 from .store import (
     INTAKE_WAITING_MODE, SQLITE_BUSY_SECONDS, EventStatus, PreparedEventInsert, insert_event, intake_waiting_path,
-    open_lock_file, sqlite_file, utcnow,
+    open_lock_file, sqlite_file, try_flock, utcnow,
 )
 
 log = logging.getLogger("wxcoupon.webhook")
@@ -63,17 +62,6 @@ def _poll(attempt: Callable[[], bool], deadline: float) -> bool:
             return False
         time.sleep(pause)
         pause = min(pause * 2, _LOCK_SLEEP_MAX)
-    return True
-
-
-def _try_flock(fd: int, operation: int) -> bool:
-    """One non-blocking flock: True if taken, False if another holder has it."""
-    try:
-        fcntl.flock(fd, operation | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise
-        return False
     return True
 
 
@@ -150,7 +138,7 @@ class WriteLock:
         fd = self._fd
         self._flag_waiting()
         try:
-            taken = _poll(lambda: _try_flock(fd, fcntl.LOCK_EX), deadline)
+            taken = _poll(lambda: try_flock(fd, fcntl.LOCK_EX), deadline)
         except BaseException:
             self._stop_waiting()
             raise
@@ -180,7 +168,7 @@ class WriteLock:
                             extra={"path": str(self.waiting), "error": type(exc).__name__})  # fmt: skip
         fd = self._waiting_fd
         if fd is not None:
-            _poll(lambda: _try_flock(fd, fcntl.LOCK_SH), time.monotonic() + _FLAG_WAIT)
+            _poll(lambda: try_flock(fd, fcntl.LOCK_SH), time.monotonic() + _FLAG_WAIT)
 
     def _stop_waiting(self) -> None:
         if self._waiting_fd is not None:

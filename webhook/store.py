@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import enum
+import errno
 import fcntl
 import os
 import threading
@@ -585,6 +586,17 @@ def open_lock_file(path: str, mode: int = 0o600) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
 
 
+def try_flock(fd: int, operation: int) -> bool:
+    """One non-blocking flock (LOCK_EX or LOCK_SH): True if taken, False if another holder has it."""
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        return False
+    return True
+
+
 def intake_waiting_path(path: str) -> str:
     """The file a web process holds a shared lock on while it waits for or holds SQLite's write lock."""
     return path + "-intake.waiting"
@@ -612,10 +624,8 @@ def yield_to_intake(
         quiet_since: float | None = None
         seen = False
         while True:
-            try:
-                # Granted only when no web process holds its shared lock.
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            # Granted only when no web process holds its shared lock.
+            if not try_flock(fd, fcntl.LOCK_EX):
                 seen, quiet_since = True, None
             else:
                 fcntl.flock(fd, fcntl.LOCK_UN)

@@ -60,11 +60,11 @@ DEFAULT_EXPIRES_IN = 7200  # what Weixin grants when a reply omits expires_in
 ERRCODE_NETWORK = -1001  # connection failed or was lost
 ERRCODE_TIMEOUT = -1002  # no reply within the timeout
 ERRCODE_HTTP = -1003  # HTTP status other than 200
-# Statuses with which a server or proxy turns a request away without acting on
-# it (timed out reading it; rate limited): as safe to send again as a 503.
-_REFUSED_UNREAD = frozenset({408, 429})
 ERRCODE_BAD_RESPONSE = -1004  # reply is not a JSON object, or lacks a field
 ERRCODE_LOCK = -1005  # another process holds the refresh lock for too long
+# Besides 5xx: statuses with which a server or proxy turns a request away
+# without acting on it (timed out reading it; rate limited), as safe to retry.
+_REFUSED_UNREAD = frozenset({408, 429})
 
 TokenEndpoint = Literal["stable_token", "token"]
 
@@ -518,11 +518,9 @@ class WeixinClient:
         except HTTPError as exc:
             raise WeixinAPIError(ERRCODE_NETWORK, f"request failed ({type(exc).__name__})", path) from None
         status = response.status
-        if status >= 500:
-            if status == 504 and not idempotent:
-                raise AmbiguousTimeoutError(ERRCODE_HTTP, "HTTP 504 after sending; outcome unknown", path)
-            raise TransientWeixinError(ERRCODE_HTTP, f"HTTP {status}", path)
-        if status in _REFUSED_UNREAD:
+        if status == 504 and not idempotent:
+            raise AmbiguousTimeoutError(ERRCODE_HTTP, "HTTP 504 after sending; outcome unknown", path)
+        if status >= 500 or status in _REFUSED_UNREAD:
             raise TransientWeixinError(ERRCODE_HTTP, f"HTTP {status}", path)
         if status != 200:
             raise WeixinAPIError(ERRCODE_HTTP, f"HTTP {status}", path)
