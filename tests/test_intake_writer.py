@@ -2,10 +2,7 @@
 only after its own row is committed; what fails is refused, never acknowledged."""
 from __future__ import annotations
 
-import dataclasses
-import errno
 import fcntl
-import logging
 import os
 import subprocess
 import sys
@@ -26,8 +23,8 @@ from webhook.errors import StoreUnavailableError
 from webhook.events import parse_push
 from webhook.intake import EventWriter, WriteLock, WriteLockTimeoutError, event_row, sqlite_write_lock
 from webhook.store import (
-    PreparedEventInsert, events, intake_waiting_path, make_engine, open_lock_file, sqlite_file, try_flock,
-    worker_writing, yield_to_intake,
+    PreparedEventInsert, events, intake_waiting_path, make_engine, open_lock_file, sqlite_file, worker_writing,
+    yield_to_intake,
 )
 
 from .pushes import make_push
@@ -343,114 +340,6 @@ def test_a_stream_of_worker_transactions_does_not_starve_pushes(
             w.wait(10)
     assert all(isinstance(i, int) for i in ids)
     assert len(stored_keys(engine)) == 20
-
-
-def _sqlite_only(engine: sa.Engine) -> str:
-    database = sqlite_file(engine)
-    if database is None:
-        pytest.skip("SQLite's WAL file")
-    return database
-
-
-def _synchronous_of_pooled(engine: sa.Engine) -> list[int]:
-    """PRAGMA synchronous of every connection idle in the pool, all checked out at once."""
-    held = [engine.raw_connection() for _ in range(engine.pool.checkedin())]  # type: ignore[attr-defined]
-    try:
-        return [c.dbapi_connection.execute("PRAGMA synchronous").fetchone()[0] for c in held]  # type: ignore[union-attr]
-    finally:
-        for c in held:
-            c.close()
-
-
-def test_sqlite_push_is_synced_outside_the_write_lock_before_it_is_answered(
-    settings: Settings, engine: sa.Engine, writer: EventWriter, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With synchronous FULL, the writer commits with NORMAL and then fdatasyncs the WAL itself, once per
-    transaction: on the database's WAL file, with the row committed and the web's write lock already
-    free, before write() returns. The connection goes back to the pool syncing at each commit again."""
-    database = _sqlite_only(engine)
-    assert settings.sqlite_synchronous == "FULL"
-    lock_fd = open_lock_file(f"{database}-intake.lock")
-    real = os.fdatasync
-    seen: list[tuple[bool, bool, int]] = []
-
-    def observed(fd: int) -> None:
-        mine, wal = os.fstat(fd), os.stat(f"{database}-wal")
-        lock_free = try_flock(lock_fd, fcntl.LOCK_EX)
-        if lock_free:
-            fcntl.flock(lock_fd, fcntl.LOCK_UN)
-        seen.append(((mine.st_dev, mine.st_ino) == (wal.st_dev, wal.st_ino), lock_free, len(stored_keys(engine))))
-        real(fd)
-
-    monkeypatch.setattr(os, "fdatasync", observed)
-    try:
-        for i in range(3):
-            assert isinstance(writer.write(new_row(settings, i)), int)
-            assert seen[-1] == (True, True, i + 1)  # the WAL, outside the lock, the row already committed
-        assert len(seen) == 3
-        writer.close()
-        assert _synchronous_of_pooled(engine) and set(_synchronous_of_pooled(engine)) == {2}  # FULL
-    finally:
-        os.close(lock_fd)
-
-
-def test_a_failed_wal_sync_refuses_the_push_and_the_retry_is_answered_after_a_good_one(
-    settings: Settings, engine: sa.Engine, writer: EventWriter, monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """fdatasync fails (EIO): the row is committed but may not be on disk, so the push gets 503, not
-    `success`. Weixin's retry finds the row (a duplicate) and is answered only after a sync that worked."""
-    _sqlite_only(engine)
-    real = os.fdatasync
-    calls: list[str] = []
-
-    def failing_once(fd: int) -> None:
-        calls.append("sync")
-        if len(calls) == 1:
-            raise OSError(errno.EIO, "Input/output error")
-        real(fd)
-
-    monkeypatch.setattr(os, "fdatasync", failing_once)
-    row = new_row(settings, 1)
-    with caplog.at_level(logging.ERROR, logger="wxcoupon.webhook"), pytest.raises(StoreUnavailableError):
-        writer.write(row)
-    assert [r.message for r in caplog.records] == ["WAL sync failed", "store unavailable"]
-    assert caplog.records[0].errno == errno.EIO
-    assert len(stored_keys(engine)) == 1
-    assert writer.write(row) is None and calls == ["sync", "sync"]
-    assert len(stored_keys(engine)) == 1
-
-
-def test_sqlite_normal_or_no_wal_file_means_no_sync_of_ours(
-    settings: Settings, engine: sa.Engine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """WXCOUPON_SQLITE_SYNCHRONOUS=NORMAL: the operator chose no sync per commit, and the writer adds
-    none. A WAL file the writer cannot open: SQLite syncs each commit itself (FULL), with one warning."""
-    _sqlite_only(engine)
-    synced: list[int] = []
-    monkeypatch.setattr(os, "fdatasync", synced.append)
-    normal_engine = make_engine(dataclasses.replace(settings, sqlite_synchronous="NORMAL"))
-    normal = EventWriter(normal_engine, sqlite_write_lock(normal_engine))
-    try:
-        assert isinstance(normal.write(new_row(settings, 1)), int)
-    finally:
-        normal.close()
-        normal_engine.dispose()
-
-    def unopenable(_database: str) -> None:
-        raise PermissionError(errno.EACCES, "Permission denied")
-
-    monkeypatch.setattr(intake, "_WalSync", unopenable)
-    full = EventWriter(engine, sqlite_write_lock(engine))
-    try:
-        with caplog.at_level(logging.WARNING, logger="wxcoupon.webhook"):
-            assert isinstance(full.write(new_row(settings, 2)), int)
-            assert isinstance(full.write(new_row(settings, 3)), int)
-        assert [r.message for r in caplog.records] == ["WAL sync unavailable, syncing at each commit"]
-        assert full._conn.dbapi_connection.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL, SQLite's own
-    finally:
-        full.close()
-    assert synced == [] and len(stored_keys(engine)) == 3
 
 
 def test_postgres_connection_killed_between_pushes_is_replaced(settings: Settings, engine: sa.Engine,

@@ -8,14 +8,6 @@ overlap in a process under gevent workers (or gthread's threads). With one
 request at a time it is simply one transaction per push. On SQLite the web
 processes also take turns through a file lock before BEGIN, instead of
 SQLite's busy handler, which sleeps for whole milliseconds at a time.
-
-On SQLite with `synchronous` FULL (the default), the fsync that makes a push
-durable is taken out of the write lock: the writer's connection commits with
-NORMAL (the WAL is written, not synced) and, once the lock is released, the
-request syncs the WAL itself (`_WalSync`) before it is answered. The promise is
-FULL's, an acknowledged push survives a power cut, but the lock is no longer
-held through the fsync, so the web processes' commits go on while earlier ones
-reach the disk, and fsyncs that overlap are served by one journal commit.
 """
 from __future__ import annotations
 
@@ -203,46 +195,6 @@ def _sqlite_busy(exc: BaseException) -> bool:
     return code is not None and code & 0xFF == _SQLITE_BUSY
 
 
-# PRAGMA synchronous values (https://sqlite.org/pragma.html#pragma_synchronous).
-_SYNC_NORMAL, _SYNC_FULL = 1, 2
-
-
-class _WalSync:
-    """The fsync of a SQLite database's WAL file, done by the writer after it released the write lock.
-
-    Opened while the writer's connection is open, so the file cannot be
-    removed under it: SQLite deletes the WAL only when the last connection to
-    the database closes. fdatasync on any descriptor of the file flushes every
-    frame written to it so far, this transaction's and any before it.
-    """
-
-    def __init__(self, database: str) -> None:
-        self.path = f"{database}-wal"
-        self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            # The file's directory entry too, as SQLite syncs it after creating a
-            # WAL: once per connection, so that a WAL made moments ago is found
-            # after a power cut.
-            directory = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
-        except BaseException:
-            os.close(self.fd)
-            raise
-
-    def flush(self) -> None:
-        """Make every committed frame durable; OSError if it could not be."""
-        os.fdatasync(self.fd)
-        if os.fstat(self.fd).st_nlink == 0:  # never while the connection is open; if it were, say so
-            raise FileNotFoundError(self.path)
-
-    def close(self) -> None:
-        """Close the descriptor."""
-        os.close(self.fd)
-
-
 class _Slot:
     """One request's row and, once its transaction ended, the outcome."""
 
@@ -298,9 +250,6 @@ class EventWriter:
         self._cursor: Any = None  # and its cursor
         self._used_at = 0.0
         self._cooperative = _gevent_patched()
-        self._database = sqlite_file(engine)
-        self._wal: _WalSync | None = None  # set while the connection defers its fsync to us
-        self._synchronous = _SYNC_FULL  # the connection's own setting, restored when it goes back
 
     def write(self, row: dict[str, Any]) -> int | None:
         """Commit one event row; its id, or None when the dedupe key was stored already.
@@ -396,7 +345,7 @@ class EventWriter:
         for attempt in (1, 2):
             conn = self._connection()
             try:
-                ids = self._transaction(conn, rows)
+                return self._transaction(conn, rows)
             except self._dbapi_error as exc:
                 dead = self.engine.dialect.is_disconnect(exc, conn.dbapi_connection, None)  # type: ignore[arg-type]
                 self._drop_connection(invalidate=dead)
@@ -407,26 +356,7 @@ class EventWriter:
                 if isinstance(exc, self.engine.dialect.loaded_dbapi.OperationalError) or len(rows) == 1:
                     raise _StoreError(exc) from None
                 raise _RowError(exc) from None
-            self._sync(len(rows))
-            return ids
         raise AssertionError("unreachable")
-
-    def _sync(self, rows: int) -> None:
-        """The fsync the commit left out, outside the write lock: the rows are durable once it returns.
-
-        If it fails, the rows are committed but may not be on disk: their
-        requests get 503, Weixin retries, and the retry, a duplicate, is
-        answered only after a sync that succeeded.
-        """
-        wal = self._wal
-        if wal is None:
-            return
-        try:
-            wal.flush()
-        except OSError as exc:
-            log.error("WAL sync failed", extra={"error": type(exc).__name__, "errno": exc.errno, "rows": rows})
-            self._drop_connection(invalidate=True)
-            raise _StoreError(exc) from None
 
     def _transaction(self, conn: Any, rows: list[dict[str, Any]]) -> list[int | None]:
         deadline = time.monotonic() + self.wait
@@ -492,9 +422,7 @@ class EventWriter:
                 try:
                     # Busy: retried by _begin_immediate with short pauses, not slept on.
                     conn.dbapi_connection.execute("PRAGMA busy_timeout=0")  # type: ignore[union-attr]
-                    self._defer_sync(conn.dbapi_connection)
                 except self._dbapi_error as exc:
-                    self._close_wal()
                     with contextlib.suppress(Exception):
                         conn.invalidate()
                     raise _StoreError(exc) from None
@@ -503,33 +431,8 @@ class EventWriter:
         self._used_at = now
         return self._conn
 
-    def _defer_sync(self, dbapi_connection: Any) -> None:
-        """Commit with NORMAL and sync the WAL after the lock (`_sync`), if the connection was to sync at each commit."""
-        (level,) = dbapi_connection.execute("PRAGMA synchronous").fetchone()
-        self._synchronous = int(level)
-        if self._database is None or self._synchronous < _SYNC_FULL:
-            return  # NORMAL or OFF: the operator chose not to sync each commit
-        try:
-            self._wal = _WalSync(self._database)
-        except OSError as exc:
-            # No -wal file (not in WAL mode), or one we cannot open or sync:
-            # SQLite goes on syncing at each commit itself, which is only slower.
-            if not isinstance(exc, FileNotFoundError):
-                log.warning("WAL sync unavailable, syncing at each commit",
-                            extra={"error": type(exc).__name__, "errno": exc.errno})  # fmt: skip
-            return
-        dbapi_connection.execute(f"PRAGMA synchronous={_SYNC_NORMAL}")
-
-    def _close_wal(self) -> None:
-        wal, self._wal = self._wal, None
-        if wal is not None:
-            with contextlib.suppress(OSError):
-                wal.close()
-
     def _drop_connection(self, invalidate: bool = False) -> None:
         conn, self._conn = self._conn, None
-        deferred = self._wal is not None
-        self._close_wal()
         if conn is None:
             return
         cursor, self._cursor = self._cursor, None
@@ -545,8 +448,6 @@ class EventWriter:
             elif not invalidate and self._sqlite:
                 try:
                     conn.dbapi_connection.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_SECONDS * 1000)}")
-                    if deferred:  # back to syncing at each commit, as the pool's other users expect
-                        conn.dbapi_connection.execute(f"PRAGMA synchronous={self._synchronous}")
                 except Exception:
                     invalidate = True
             if invalidate:
