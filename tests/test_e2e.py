@@ -1,17 +1,23 @@
 """End to end over real processes: serve, simulate, worker, events list."""
 from __future__ import annotations
 
+import http.client
 import json
 import threading
+import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+import sqlalchemy as sa
 
 from webhook.config import Settings
 from webhook.events import CARD_EVENTS
+from webhook.signature import sign
+from webhook.store import events, make_engine
 
 from . import procs
 from .pushes import make_push
@@ -102,3 +108,61 @@ def test_malformed_aes_key_stops_at_start(settings: Settings) -> None:
     env = procs.settings_env(settings, WECHAT_AES_KEY="a" * 42)
     result = procs.wxcoupon(["worker", "--burst"], env, cwd=settings.instance_path.parent)
     assert result.returncode != 0 and "WECHAT_AES_KEY" in result.stderr
+
+
+def _post_chunked(port: int, query: dict[str, str], body: bytes, chunk: int = 1000, path: str = "/wechat",
+                  headers: dict[str, str] | None = None) -> tuple[int, str]:
+    """POST with Transfer-Encoding: chunked (no Content-Length); the status and the answer."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        pieces = (body[i:i + chunk] for i in range(0, len(body), chunk))
+        conn.request("POST", f"{path}?{urllib.parse.urlencode(query)}", body=pieces,
+                     headers=headers or {"Content-Type": "text/xml"}, encode_chunked=True)  # fmt: skip
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
+def test_chunked_bodies_are_held_to_the_size_cap(settings: Settings, tmp_path: Path) -> None:
+    """A chunked body declares no length, so the cap cannot be checked before reading. Under gunicorn:
+    one byte over WXCOUPON_MAX_BODY gets 413 and stores nothing (werkzeug alone cuts it at the cap and
+    hands on what it read); one of exactly the cap is read whole and stored; a push sent chunked is stored.
+    The Mini Program API's JSON bodies are held to the same cap."""
+    cap = 4096
+    env = procs.settings_env(settings, WXCOUPON_MAX_BODY=str(cap), MP_API_KEY="chunked-test-key-0123456789")
+    port = procs.free_port()
+    log = tmp_path / "serve.log"
+    proc = procs.start(["serve", "--port", str(port), "--workers", "1"], env, log)
+    try:
+        procs.wait_http(f"http://127.0.0.1:{port}/wechat", proc, log)
+        stamp = str(int(time.time()))
+        query = {"signature": sign(settings.token, stamp, "42"), "timestamp": stamp, "nonce": "42"}
+
+        def text_message(msg_id: int, size: int) -> bytes:
+            head = (f"<xml><ToUserName>gh_chunk</ToUserName><FromUserName>oChunked</FromUserName>"
+                    f"<CreateTime>{stamp}</CreateTime><MsgType>text</MsgType><MsgId>{msg_id}</MsgId><Content>").encode()
+            tail = b"</Content></xml>"
+            return head + b"a" * (size - len(head) - len(tail)) + tail
+
+        # Well-formed up to the cap, then more: werkzeug's cut alone would store a message.
+        over = text_message(1, cap) + b"<!-- one byte more than the cap -->"
+        assert _post_chunked(port, query, over) == (413, "payload too large")
+        assert _post_chunked(port, query, text_message(2, cap)) == (200, "success")
+        push_query, push_body = make_push(settings, UserCardCode="700000000001")
+        assert _post_chunked(port, push_query, push_body, chunk=100) == (200, "success")
+        # Valid JSON up to the cap, then whitespace, which a JSON parser would skip.
+        receipt = json.dumps({"mp_openid": "oMpChunked", "card_list": [{"card_id": "p" * 27, "code": "x"}]}).encode()
+        mp_headers = {"Content-Type": "application/json", "Authorization": "Bearer chunked-test-key-0123456789"}
+        status, _ = _post_chunked(port, {}, receipt + b" " * cap, path="/api/mp/card-receipts", headers=mp_headers)
+        assert status == 413
+    finally:
+        procs.stop(proc)
+    engine = make_engine(settings)
+    try:
+        with engine.connect() as conn:
+            stored = conn.execute(sa.select(events.c.msg_type, events.c.code, events.c.raw_xml)).all()
+    finally:
+        engine.dispose()
+    assert sorted((m, c) for m, c, _ in stored) == [("event", "700000000001"), ("text", None)]
+    assert [len(x.encode()) for m, _, x in stored if m == "text"] == [cap]

@@ -17,6 +17,7 @@ from . import db
 from .cardext import build_card_ext, card_ext_json
 from .cardstore import RecordKind, cards, mp_records
 from .store import EventStatus, insert_once, utcnow
+from .views import read_body
 
 log = logging.getLogger("wxcoupon.mp_api")
 bp = Blueprint("mp_api", __name__, url_prefix="/api/mp")
@@ -50,6 +51,7 @@ def _text(data: Mapping[str, Any], name: str, *, required: bool = True, max_len:
 
 
 def _json_body() -> dict[str, Any]:
+    read_body(db.get_settings().max_body, cache=True)  # 413 over the cap, chunked or not; kept for get_json
     data = request.get_json(silent=True)
     if not isinstance(data, dict):
         raise InvalidRequestError("body", "must be a JSON object")
