@@ -210,6 +210,34 @@ def test_json_log_lines_carry_context_and_hide_secrets() -> None:
     assert "request_id" not in second
 
 
+def test_an_unhandled_exception_is_logged_through_wxcoupons_handler(settings: Settings) -> None:
+    """Flask's "Exception on /path" line and traceback go through wxcoupon's handler, not Flask's own
+    stderr one: with the request id, and with secrets in the exception's text redacted."""
+    from flask.logging import default_handler
+
+    app = create_app(settings)
+
+    @app.get("/boom")
+    def boom() -> str:
+        raise RuntimeError("calling https://api.weixin.qq.com/x?access_token=TOKENVALUE")
+
+    assert default_handler not in app.logger.handlers
+    # wxcoupon's own handler (the logger may also hold pytest's capture handlers)
+    [handler] = [h for h in logging.getLogger("wxcoupon").handlers
+                 if any(isinstance(f, logs.ContextFilter) for f in h.filters)]
+    stream = io.StringIO()
+    previous = handler.setStream(stream)  # type: ignore[attr-defined]
+    try:
+        resp = app.test_client().get("/boom", headers={"X-Request-Id": "req-boom-0001"})
+    finally:
+        handler.setStream(previous)  # type: ignore[attr-defined]
+    assert resp.status_code == 500
+    text = stream.getvalue()
+    assert "webhook: Exception on /boom [GET]" in text
+    assert "request_id=req-boom-0001" in text  # the text format puts the fields after the traceback
+    assert "RuntimeError" in text and "access_token=[redacted]" in text and "TOKENVALUE" not in text
+
+
 def test_worker_log_lines_carry_the_rq_job_id(
     client: Any, settings: Settings, worker_ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:

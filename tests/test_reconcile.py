@@ -312,6 +312,9 @@ def test_a_batch_stops_calling_a_failing_weixin_and_leaves_the_rest_to_rqs_retry
          "card_list[0].is_success"),
         ({"mp_openid": 7, "card_list": [{"card_id": "p", "code": "c"}]}, "mp_openid"),
         ({"mp_openid": "o" * 200, "card_list": [{"card_id": "p", "code": "c"}]}, "mp_openid"),
+        # JSON's \ud800 escape decodes to a lone surrogate, which no UTF-8 key or column can hold.
+        ({"mp_openid": "o\ud800", "card_list": [{"card_id": "p", "code": "c"}]}, "mp_openid"),
+        ({"mp_openid": "o1", "card_list": [{"card_id": "p", "code": "c\udfff"}]}, "card_list[0].code"),
     ],
 )
 def test_mp_api_bad_input_names_the_field(live: tuple[str, Settings, FakeWeixin], body: dict[str, Any], field: str) -> None:
@@ -319,6 +322,16 @@ def test_mp_api_bad_input_names_the_field(live: tuple[str, Settings, FakeWeixin]
     base, _, _ = live
     resp = mp_post(base, "card-receipts", body)
     assert resp.status_code == 400 and resp.json()["field"] == field
+
+
+@pytest.mark.parametrize("body", [b"[" * 5000 + b"]" * 5000, b'{"a":' * 5000 + b"1" + b"}" * 5000, b"NaN", b"\xff{}"],
+                         ids=["deep arrays", "deep objects", "not an object", "not utf-8"])
+def test_mp_api_body_that_is_no_json_object_is_400(live: tuple[str, Settings, FakeWeixin], body: bytes) -> None:
+    """Nesting deeper than the JSON parser goes is a 400 like any other body that is not a JSON object."""
+    base, _, _ = live
+    resp = requests.post(f"{base}/api/mp/card-receipts", data=body, timeout=10,
+                         headers={"Authorization": f"Bearer {MP_KEY}", "Content-Type": "application/json"})
+    assert resp.status_code == 400 and resp.json()["field"] == "body"
 
 
 def test_mp_api_needs_the_bearer_key(live: tuple[str, Settings, FakeWeixin]) -> None:

@@ -292,7 +292,24 @@ def log_request(logger: logging.Logger, level: int, message: str, status: int, *
     logger.log(level, message, extra=fields)
 
 
+class _ToWxcoupon(logging.Handler):
+    """Hands a record to the `wxcoupon` logger's handlers, whatever they are when it is logged."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Let the wxcoupon logger handle it (its filters, then its handlers)."""
+        logging.getLogger("wxcoupon").handle(record)
+
+
 def init_app(app: Flask, settings: Settings) -> None:
     """Configure logging for the web process and stamp a request id on each request."""
     configure_logging(settings.log_format)
+    # Flask logs an unhandled exception ("Exception on /path [POST]" and its
+    # traceback) on app.logger, through a stderr handler of its own: send it
+    # through wxcoupon's, for the same format, the request id and the redaction.
+    from flask.logging import default_handler
+
+    app.logger.removeHandler(default_handler)
+    if not any(isinstance(h, _ToWxcoupon) for h in app.logger.handlers):  # one logger for every app of the process
+        app.logger.addHandler(_ToWxcoupon())
+    app.logger.propagate = False
     app.wsgi_app = RequestLogMiddleware(app.wsgi_app)  # type: ignore[method-assign]

@@ -45,14 +45,19 @@ def _text(data: Mapping[str, Any], name: str, *, required: bool = True, max_len:
         return None
     if not isinstance(value, str):
         raise InvalidRequestError(field, "must be a string")
-    if len(value) > max_len or any(ord(c) < 32 for c in value):
+    # Control characters, and lone surrogates: JSON's \ud800 escapes decode to
+    # text that cannot be encoded as UTF-8, for a key or the database.
+    if len(value) > max_len or any(c < " " or "\ud800" <= c <= "\udfff" for c in value):
         raise InvalidRequestError(field, f"must be at most {max_len} printable characters")
     return value
 
 
 def _json_body() -> dict[str, Any]:
     read_body(db.get_settings().max_body, cache=True)  # 413 over the cap, chunked or not; kept for get_json
-    data = request.get_json(silent=True)
+    try:
+        data = request.get_json(silent=True)
+    except RecursionError:  # nesting deeper than the parser goes: not a ValueError, so not silenced
+        data = None
     if not isinstance(data, dict):
         raise InvalidRequestError("body", "must be a JSON object")
     return data
