@@ -426,6 +426,13 @@ def test_registration_fallback_activates_without_the_plug_in(
         ("registrations", {"card_id": "p", "encrypt_code": "e", "mp_openid": "o", "fields": FIELDS,
                            "custom_fields": {"Milk": [1]}}, "custom_fields.Milk[0]"),
         ("registrations", {"encrypt_code": "e", "mp_openid": "o", "fields": FIELDS}, "card_id"),
+        # Lone surrogates (JSON \ud800 escapes): no UTF-8 key, digest or column can hold them.
+        ("activations", {"activate_ticket": "t\ud800", "card_id": "p", "encrypt_code": "e", "mp_openid": "o"},
+         "activate_ticket"),
+        ("registrations", {"card_id": "p", "encrypt_code": "e", "mp_openid": "o",
+                           "fields": {"USER_FORM_INFO_FLAG_MOBILE": "1591234\udc00"}}, "fields.USER_FORM_INFO_FLAG_MOBILE"),
+        ("registrations", {"card_id": "p", "encrypt_code": "e", "mp_openid": "o", "fields": FIELDS,
+                           "custom_fields": {"Milk\ud800": "yes"}}, "custom_fields.Milk\ud800"),
     ],
 )
 def test_bad_requests_name_the_field(live: Live, path: str, body: dict[str, Any], field: str) -> None:

@@ -36,6 +36,12 @@ class InvalidRequestError(Exception):
         self.problem = problem
 
 
+def printable(text: str) -> bool:
+    """No control characters and no lone surrogates: JSON's \\ud800 escapes decode to those, and no
+    UTF-8 key, digest or column can hold them."""
+    return not any(c < " " or "\ud800" <= c <= "\udfff" for c in text)
+
+
 def _text(data: Mapping[str, Any], name: str, *, required: bool = True, max_len: int = MAX_ID, at: str = "") -> str | None:
     field = f"{at}{name}"
     value = data.get(name)
@@ -45,9 +51,7 @@ def _text(data: Mapping[str, Any], name: str, *, required: bool = True, max_len:
         return None
     if not isinstance(value, str):
         raise InvalidRequestError(field, "must be a string")
-    # Control characters, and lone surrogates: JSON's \ud800 escapes decode to
-    # text that cannot be encoded as UTF-8, for a key or the database.
-    if len(value) > max_len or any(c < " " or "\ud800" <= c <= "\udfff" for c in value):
+    if len(value) > max_len or not printable(value):
         raise InvalidRequestError(field, f"must be at most {max_len} printable characters")
     return value
 

@@ -25,7 +25,7 @@ from .members import (
     get_activation,
     insert_activation,
 )
-from .mp_api import MAX_ENCRYPTED, MAX_ID, InvalidRequestError, _authorize, _error, _json_body, _text
+from .mp_api import MAX_ENCRYPTED, MAX_ID, InvalidRequestError, _authorize, _error, _json_body, _text, printable
 from .pii import DATA_KEY_VARIABLE, cipher_for
 from .store import EventStatus, utcnow
 
@@ -55,7 +55,7 @@ def plugin_params(url: str) -> dict[str, str]:
 def _value(value: Any, at: str) -> str:
     if not isinstance(value, str) or not value:
         raise InvalidRequestError(at, "must be a non-empty string")
-    if len(value) > MAX_FIELD_VALUE or any(ord(c) < 32 for c in value):
+    if len(value) > MAX_FIELD_VALUE or not printable(value):
         raise InvalidRequestError(at, f"must be at most {MAX_FIELD_VALUE} printable characters")
     return value
 
@@ -76,7 +76,7 @@ def _form_values(data: dict[str, Any], name: str, *, ids: bool) -> dict[str, Any
             key = FIELD_ID_ALIASES.get(key, key)
             if key not in COMMON_FIELD_IDS:
                 raise InvalidRequestError(at, "is not a USER_FORM_INFO_FLAG_* field id")
-        elif len(key) > MAX_ID or any(ord(c) < 32 for c in key):
+        elif len(key) > MAX_ID or not printable(key):
             raise InvalidRequestError(at, f"must be a name of at most {MAX_ID} printable characters")
         if isinstance(value, list) and not ids:
             out[key] = [_value(v, f"{at}[{i}]") for i, v in enumerate(value)]
