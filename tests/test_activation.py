@@ -508,3 +508,12 @@ class TestWithoutDataKey:
 def test_settings_without_overrides_have_no_data_key(settings: Settings) -> None:
     """The default test settings carry no data key (so the refusal tests above test something)."""
     assert settings.data_keys == ()
+
+
+def test_activation_ids_beyond_any_row_are_not_found(live: Live) -> None:
+    """An id past the largest a row can have is a 404 like a missing one, not a 500 (SQLite's
+    OverflowError) or a 503 (PostgreSQL's out-of-range error taken for the store being down)."""
+    base, _, _ = live
+    assert mp_get(base, f"activations/{2**63}").status_code == 404
+    missing = mp_get(base, f"activations/{2**63 - 1}")
+    assert missing.status_code == 404 and missing.json()["error"] == "no such activation"

@@ -18,7 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import re
+
 import pytest
+import requests
 import sqlalchemy as sa
 from werkzeug.serving import make_server
 
@@ -300,3 +303,24 @@ def test_replay_cannot_be_forged_across_sites_or_without_the_token(
     browser.goto(f"{base}/admin/")
     status = browser.js("fetch('/admin/events/2/replay', {method: 'POST'}).then(r => r.status)")
     assert status == 403 and _status(engine, 2) == "failed"
+
+
+def test_ids_beyond_any_row_are_not_found_not_errors(admin_site: tuple[str, Any]) -> None:
+    """An id past the largest a row can have (2**63 - 1) names no row: 404 for the event page, the first
+    page for a `before` link, 400 for a replay form. Before, SQLite's OverflowError made them 500s."""
+    url, _ = admin_site
+    session = requests.Session()
+
+    def csrf(page: str) -> dict[str, str]:
+        found = re.search(r'name="csrf" value="([^"]+)"', session.get(f"{url}{page}").text)
+        return {"csrf": found.group(1)} if found else {}
+
+    assert session.post(f"{url}/admin/login", data={"key": ADMIN_KEY, **csrf("/admin/login")}).status_code == 200
+    beyond = 2**63
+    assert session.get(f"{url}/admin/events/{beyond}").status_code == 404
+    assert session.get(f"{url}/admin/events/{beyond - 1}").status_code == 404  # in range, no such row
+    assert session.get(f"{url}/admin/?before={beyond}").status_code == 200
+    token = csrf("/admin/failed")
+    assert token
+    assert session.post(f"{url}/admin/replay", data={**token, "id": [str(beyond)]}).status_code == 400
+    assert session.post(f"{url}/admin/events/{beyond}/replay", data=token).status_code == 404

@@ -290,3 +290,10 @@ def test_sweep_requeues_dead_workers_rows_and_dispatches(
     assert result.exit_code == 0, result.output
     assert "queued 2 pending event(s)" in result.output and "requeued 1 from dead workers" in result.output
     assert statuses(worker_ctx) == ["queued", "queued"]
+
+
+def test_cli_ids_beyond_any_row_are_usage_errors(settings: Settings, cli_env: dict[str, str]) -> None:
+    """`events show` and `replay` refuse an id past 2**63 - 1 as a usage error, not a traceback."""
+    for args in (["events", "show", str(2**63)], ["replay", str(2**63)], ["events", "list", "--limit", "0"]):
+        result = CliRunner().invoke(main, args, env=cli_env)
+        assert result.exit_code == 2 and "Invalid value" in result.output, (args, result.output)

@@ -27,7 +27,7 @@ from .members import (
 )
 from .mp_api import MAX_ENCRYPTED, MAX_ID, InvalidRequestError, _authorize, _error, _json_body, _text, printable
 from .pii import DATA_KEY_VARIABLE, cipher_for
-from .store import EventStatus, utcnow
+from .store import ROW_ID_CONVERTER, EventStatus, utcnow
 
 log = logging.getLogger("wxcoupon.mp_members")
 bp = Blueprint("mp_members", __name__, url_prefix="/api/mp")
@@ -181,7 +181,7 @@ def registrations_post() -> Response:
     return _accepted(activation_id)
 
 
-@bp.get("/activations/<int:activation_id>")
+@bp.get(f"/activations/<{ROW_ID_CONVERTER}:activation_id>")
 def activation_get(activation_id: int) -> Response:
     """Where an activation or registration request stands: status, result, errcode/errmsg, membership number."""
     with db.get_engine().connect() as conn:

@@ -142,6 +142,14 @@ event_attempts = Table(
 )
 
 
+# The largest id a row can have: BIGINT on PostgreSQL, SQLite's 64-bit INTEGER. A
+# larger number given as an id names no row; passed to the database it is an
+# error (SQLite: OverflowError; PostgreSQL: out of range), not "not found".
+ROW_ID_MAX = 2**63 - 1
+# The URL converter of a row id: anything else in its place is a 404, like an id that names no row.
+ROW_ID_CONVERTER = f"int(min=1, max={ROW_ID_MAX})"
+
+
 def utcnow() -> dt.datetime:
     """The current time, timezone-aware UTC (what every timestamp column holds)."""
     return dt.datetime.now(dt.timezone.utc)

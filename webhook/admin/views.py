@@ -37,7 +37,7 @@ from .. import db
 from ..eventfilter import REPLAYABLE, EventFilter, revive_events
 from ..logs import mask_code
 from ..reports import REPORT_COUNTS, reconciliation_report
-from ..store import EventStatus, get_event, list_attempts
+from ..store import ROW_ID_CONVERTER, ROW_ID_MAX, EventStatus, get_event, list_attempts
 from .queries import PAGE_SIZE, backlog, event_log
 
 log = logging.getLogger("wxcoupon.admin")
@@ -192,6 +192,8 @@ def _filter_from_args() -> EventFilter:
 
 def _page(view: str, flt: EventFilter, title: str) -> str:
     before = request.args.get("before", type=int)
+    if before is not None and not 1 <= before <= ROW_ID_MAX:
+        before = None  # a hand-edited link: the first page
     with db.get_engine().connect() as conn:
         rows = event_log(conn, flt, before_id=before)
         counts = backlog(conn)
@@ -218,7 +220,7 @@ def failed_list() -> str:
     return _page("admin.failed_list", flt, "Failed and dead events")
 
 
-@bp.get("/events/<int:event_id>")
+@bp.get(f"/events/<{ROW_ID_CONVERTER}:event_id>")
 def event_detail(event_id: int) -> str:
     """One event: its columns, parsed fields, raw XML and every attempt."""
     with db.get_engine().connect() as conn:
@@ -244,7 +246,7 @@ def _replay(ids: list[int]) -> BaseResponse:
     return redirect(_safe_next(request.form.get("next"), url_for("admin.failed_list")))
 
 
-@bp.post("/events/<int:event_id>/replay")
+@bp.post(f"/events/<{ROW_ID_CONVERTER}:event_id>/replay")
 def replay_one(event_id: int) -> BaseResponse:
     """Put one failed, dead or pending event back to the outbox."""
     return _replay([event_id])
@@ -256,6 +258,8 @@ def replay_many() -> BaseResponse:
     try:
         ids = sorted({int(i) for i in request.form.getlist("id")})[:500]
     except ValueError:
+        abort(400)
+    if not all(1 <= i <= ROW_ID_MAX for i in ids):
         abort(400)
     return _replay(ids)
 

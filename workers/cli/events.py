@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from webhook.store import EventStatus, list_events, make_engine
+from webhook.store import ROW_ID_MAX, EventStatus, list_events, make_engine
 
 from .common import settings_or_exit
 
@@ -53,7 +53,7 @@ def events() -> None:
 @click.option("--event", "event_type", help="Only this Event (e.g. user_get_card).")
 @click.option("--status", type=click.Choice([s.value for s in EventStatus]), help="Only this status.")
 @click.option("--since", help="Received at or after: ISO time or age (15m, 2h, 7d).")
-@click.option("--limit", type=int, default=None, help="At most this many.")
+@click.option("--limit", type=click.IntRange(min=1, max=ROW_ID_MAX), default=None, help="At most this many.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def list_command(event_type: str | None, status: str | None, since: str | None, limit: int | None, as_json: bool) -> None:
     """List events, oldest first."""

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from webhook.store import get_event, list_attempts, make_engine
+from webhook.store import ROW_ID_MAX, get_event, list_attempts, make_engine
 
 from .common import settings_or_exit
 
@@ -39,7 +39,7 @@ def event_story(event: dict[str, Any], attempts: list[dict[str, Any]]) -> dict[s
 
 
 @click.command("show")
-@click.argument("event_id", type=click.IntRange(min=1))
+@click.argument("event_id", type=click.IntRange(min=1, max=ROW_ID_MAX))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 def show(event_id: int, as_json: bool) -> None:
     """Show one event: raw XML, parsed fields, and every attempt with its time, worker and error."""

@@ -6,7 +6,7 @@ import json
 import click
 
 from webhook.reports import REPORT_COUNTS, reconciliation_report
-from webhook.store import make_engine
+from webhook.store import ROW_ID_MAX, make_engine
 
 from .common import settings_or_exit
 
@@ -18,7 +18,8 @@ def reconcile() -> None:
 
 @reconcile.command("report")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
-@click.option("--limit", type=int, default=100, show_default=True, help="Unmatched items to list.")
+@click.option("--limit", type=click.IntRange(min=0, max=ROW_ID_MAX), default=100, show_default=True,
+              help="Unmatched items to list.")
 def report(as_json: bool, limit: int) -> None:
     """Matched, waiting, recovered and unmatched counts, and the unmatched items."""
     engine = make_engine(settings_or_exit())

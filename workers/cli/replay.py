@@ -5,6 +5,7 @@ import click
 import redis
 
 from webhook.eventfilter import REPLAYABLE, EventFilter
+from webhook.store import ROW_ID_MAX
 
 from ..context import build_context
 from .common import settings_or_exit
@@ -12,7 +13,7 @@ from .events import parse_since
 
 
 @click.command("replay")
-@click.argument("ids", nargs=-1, type=click.IntRange(min=1))
+@click.argument("ids", nargs=-1, type=click.IntRange(min=1, max=ROW_ID_MAX))
 @click.option("--status", "statuses", multiple=True, type=click.Choice([s.value for s in REPLAYABLE]),
               help="Replay every event in this status (repeatable).")
 @click.option("--event", "event_type", help="Only this Event (e.g. user_get_card).")
