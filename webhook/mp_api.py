@@ -57,7 +57,7 @@ def _text(data: Mapping[str, Any], name: str, *, required: bool = True, max_len:
 
 
 def _json_body() -> dict[str, Any]:
-    read_body(db.get_settings().max_body, cache=True)  # 413 over the cap, chunked or not; kept for get_json
+    read_body(cache=True)  # 413 over the cap, chunked or not; kept for get_json
     try:
         data = request.get_json(silent=True)
     except RecursionError:  # nesting deeper than the parser goes: not a ValueError, so not silenced

@@ -28,17 +28,20 @@ def verify() -> Response:
     return _plain(echostr)
 
 
-def read_body(limit: int, cache: bool = False) -> bytes:
-    """The request body; PayloadTooLargeError (413) above `limit` bytes, whether its length was declared or not.
+def read_body(cache: bool = False) -> bytes:
+    """The request body, held to MAX_CONTENT_LENGTH (WXCOUPON_MAX_BODY) whether its length was declared or not.
 
     A declared Content-Length over the limit is refused before anything is read
-    (Flask's MAX_CONTENT_LENGTH). A chunked body declares no length: werkzeug
-    stops reading it at the limit and returns what it read, without saying
-    whether more followed. So a body that reached the limit is probed for one
-    byte more, straight from the server's stream.
+    (413, by werkzeug). A chunked body declares no length: werkzeug stops
+    reading it at the limit and returns what it read, without saying whether
+    more followed. So a body that reached the limit is probed for one byte
+    more, straight from the server's stream: PayloadTooLargeError (413) if
+    there is one.
     """
     body = request.get_data(cache=cache)
-    if len(body) >= limit and request.content_length is None and request.environ["wsgi.input"].read(1):
+    limit = request.max_content_length
+    if (limit is not None and len(body) >= limit and request.content_length is None
+            and request.environ["wsgi.input"].read(1)):
         raise PayloadTooLargeError()
     return body
 
@@ -47,7 +50,7 @@ def read_body(limit: int, cache: bool = False) -> bytes:
 def receive() -> Response:
     """Accept one push: verify, decrypt, parse, commit, then answer `success`."""
     settings = db.get_settings()
-    body = read_body(settings.max_body)
+    body = read_body()
     opened = open_push(request.args, body, settings)
     push = parse_push(opened.fields)
     # Raises StoreUnavailableError (503) when the row is not committed: Weixin
