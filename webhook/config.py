@@ -156,6 +156,42 @@ def _intervals(env: Mapping[str, str], name: str, default: tuple[int, ...]) -> t
     return values
 
 
+# The database drivers wxcoupon installs, by backend; a URL without one gets it.
+_DRIVERS = {"sqlite": "pysqlite", "postgresql": "psycopg"}
+
+
+def _database_url(env: Mapping[str, str]) -> str:
+    """DATABASE_URL checked, with PostgreSQL's driver made explicit; "" for the default SQLite file.
+
+    `postgres://` and `postgresql://`, the URLs that libpq tools (psql,
+    pg_dump) and hosting providers use, become `postgresql+psycopg://`: the
+    driver wxcoupon installs, whatever SQLAlchemy's default for the name.
+    """
+    raw = env.get("DATABASE_URL", "").strip()
+    if not raw:
+        return ""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(raw)
+    except ArgumentError:
+        raise ConfigError(
+            "DATABASE_URL is not a database URL (expected sqlite:///path or postgresql://user@host/db)"
+        ) from None
+    backend, _, driver = url.drivername.partition("+")
+    if backend == "postgres":
+        backend = "postgresql"
+    if backend not in _DRIVERS:
+        raise ConfigError(f"DATABASE_URL names {backend!r}: wxcoupon stores its events in SQLite or PostgreSQL")
+    if driver and driver != _DRIVERS[backend]:
+        raise ConfigError(f"DATABASE_URL names the driver {driver!r}: wxcoupon uses {_DRIVERS[backend]} "
+                          f"({backend}:// picks it)")  # fmt: skip
+    if backend == "sqlite":
+        return raw
+    return url.set(drivername=f"{backend}+{_DRIVERS[backend]}").render_as_string(hide_password=False)
+
+
 def _admin_key(env: Mapping[str, str]) -> str | None:
     key = env.get("WXCOUPON_ADMIN_KEY", "").strip()
     if not key:
@@ -276,7 +312,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) 
         encoding_aes_key=aes,
         previous_encoding_aes_key=previous,
         timestamp_tolerance=_int(env, "WECHAT_TIMESTAMP_TOLERANCE", DEFAULT_TIMESTAMP_TOLERANCE),
-        database_url=env.get("DATABASE_URL", "").strip(),
+        database_url=_database_url(env),
         redis_url=env.get("REDIS_URL", "").strip() or None,
         instance_path=Path(env.get("WXCOUPON_INSTANCE_PATH", "").strip() or DEFAULT_INSTANCE_PATH),
         max_body=_int(env, "WXCOUPON_MAX_BODY", DEFAULT_MAX_BODY, minimum=1024),

@@ -1,7 +1,11 @@
 """`wxcoupon db`: the schema."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import click
+from sqlalchemy.exc import OperationalError
 
 from webhook import schema
 from webhook.store import make_engine
@@ -14,20 +18,37 @@ def db() -> None:
     """Create or migrate the database schema."""
 
 
+@contextlib.contextmanager
+def _reachable() -> Iterator[None]:
+    """A database that cannot be reached or opened: one line naming DATABASE_URL, not a traceback."""
+    try:
+        yield
+    except OperationalError as exc:
+        lines = str(exc.orig or exc).strip().splitlines()  # the driver's words: host and port, never the password
+        reason = lines[0] if lines else type(exc).__name__
+        raise click.ClickException(f"cannot use the database of DATABASE_URL: {reason}") from None
+
+
 @db.command("upgrade")
 @click.option("--revision", default="head", show_default=True, help="Alembic revision to migrate to.")
 def upgrade(revision: str) -> None:
     """Create or migrate the schema (safe to run on every deploy)."""
     settings = settings_or_exit()
     engine = make_engine(settings)
-    schema.upgrade(engine, revision)
-    click.echo(f"database at revision {schema.current_revision(engine)}")
-    engine.dispose()
+    try:
+        with _reachable():
+            schema.upgrade(engine, revision)
+            click.echo(f"database at revision {schema.current_revision(engine)}")
+    finally:
+        engine.dispose()
 
 
 @db.command("current")
 def current() -> None:
     """Print the schema revision the database is at."""
     engine = make_engine(settings_or_exit())
-    click.echo(schema.current_revision(engine) or "empty (run `wxcoupon db upgrade`)")
-    engine.dispose()
+    try:
+        with _reachable():
+            click.echo(schema.current_revision(engine) or "empty (run `wxcoupon db upgrade`)")
+    finally:
+        engine.dispose()

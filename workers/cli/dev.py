@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 from typing import IO
+from urllib.parse import urlsplit, urlunsplit
 
 import click
 
@@ -24,6 +25,16 @@ from .common import settings_or_exit
 
 _ALNUM = string.ascii_letters + string.digits
 STOP_GRACE = 10.0  # seconds children get to finish before SIGKILL
+
+
+def without_password(url: str | None) -> str | None:
+    """A database or Redis URL fit to print: its password, if any, replaced by ***."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
 
 
 def write_dev_account(path: Path) -> dict[str, str]:
@@ -153,8 +164,9 @@ def dev(host: str, port: int, fake_weixin: bool | None) -> None:
         env["REDIS_URL"] = embedded_url(embedded)
     env["PYTHONUNBUFFERED"] = "1"
     url = f"http://{host}:{port}/wechat"
-    click.echo(f"database: {settings.database_url}")
-    click.echo(f"redis:    {'embedded, ' + env['REDIS_URL'] if embedded is not None else settings.redis_url}")
+    click.echo(f"database: {without_password(settings.database_url)}")
+    redis_shown = f"embedded, {env['REDIS_URL']}" if embedded is not None else without_password(settings.redis_url)
+    click.echo(f"redis:    {redis_shown}")
     click.echo(f"webhook:  {url}")
     click.echo(f"try:      wxcoupon simulate user_get_card --url {url}   (then: wxcoupon events list)")
     use_fake = _wants_fake_weixin(settings, fake_weixin)
