@@ -1,4 +1,4 @@
-"""DATABASE_URL: checked at start, naming the variable; the URL forms operators are given work as they are."""
+"""DATABASE_URL and REDIS_URL: checked at start, naming the variable; the URL forms operators are given work as they are."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -47,6 +47,18 @@ def test_a_database_url_wxcoupon_cannot_use_stops_at_start_naming_it(given: str,
     """Before: a traceback from SQLAlchemy at the first connection (or none until then)."""
     with pytest.raises(ConfigError, match=f"DATABASE_URL.*{says}"):
         load_settings({**BASE_ENV, "DATABASE_URL": given}, dotenv=False)
+
+
+@pytest.mark.parametrize(("given", "says"), [
+    ("localhost:6379", "Redis URL must specify one of the following schemes"),
+    ("redis://cache:sixthousand/0", "Port could not be cast"),
+])
+def test_a_malformed_redis_url_stops_at_start_naming_it(given: str, says: str) -> None:
+    """Before: redis-py's ValueError and its traceback, from the first command that connected."""
+    with pytest.raises(ConfigError, match=f"REDIS_URL is malformed: {says}"):
+        load_settings({**BASE_ENV, "REDIS_URL": given}, dotenv=False)
+    for fine in ("redis://127.0.0.1:6379/0", "rediss://:pw@cache:6380/1", "unix:///run/redis.sock"):
+        assert load_settings({**BASE_ENV, "REDIS_URL": fine}, dotenv=False).redis_url == fine
 
 
 def test_a_postgres_url_connects(settings: Settings) -> None:

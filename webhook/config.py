@@ -192,6 +192,20 @@ def _database_url(env: Mapping[str, str]) -> str:
     return url.set(drivername=f"{backend}+{_DRIVERS[backend]}").render_as_string(hide_password=False)
 
 
+def _redis_url(env: Mapping[str, str]) -> str | None:
+    """REDIS_URL as redis-py will read it; None for the embedded Redis."""
+    raw = env.get("REDIS_URL", "").strip()
+    if not raw:
+        return None
+    from redis.connection import parse_url
+
+    try:
+        parse_url(raw)
+    except ValueError as exc:  # its message names the URL's part, never the password
+        raise ConfigError(f"REDIS_URL is malformed: {exc}") from None
+    return raw
+
+
 def _admin_key(env: Mapping[str, str]) -> str | None:
     key = env.get("WXCOUPON_ADMIN_KEY", "").strip()
     if not key:
@@ -313,7 +327,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) 
         previous_encoding_aes_key=previous,
         timestamp_tolerance=_int(env, "WECHAT_TIMESTAMP_TOLERANCE", DEFAULT_TIMESTAMP_TOLERANCE),
         database_url=_database_url(env),
-        redis_url=env.get("REDIS_URL", "").strip() or None,
+        redis_url=_redis_url(env),
         instance_path=Path(env.get("WXCOUPON_INSTANCE_PATH", "").strip() or DEFAULT_INSTANCE_PATH),
         max_body=_int(env, "WXCOUPON_MAX_BODY", DEFAULT_MAX_BODY, minimum=1024),
         api_base=api_base,
