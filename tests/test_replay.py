@@ -292,8 +292,10 @@ def test_sweep_requeues_dead_workers_rows_and_dispatches(
     assert statuses(worker_ctx) == ["queued", "queued"]
 
 
-def test_cli_ids_beyond_any_row_are_usage_errors(settings: Settings, cli_env: dict[str, str]) -> None:
-    """`events show` and `replay` refuse an id past 2**63 - 1 as a usage error, not a traceback."""
-    for args in (["events", "show", str(2**63)], ["replay", str(2**63)], ["events", "list", "--limit", "0"]):
+def test_cli_out_of_range_numbers_are_usage_errors(settings: Settings, cli_env: dict[str, str]) -> None:
+    """`events show` and `replay` refuse an id past 2**63 - 1 as a usage error, not a traceback; a
+    `--limit` of 0 and `simulate --repeat 0` (which used to send once) too."""
+    for args in (["events", "show", str(2**63)], ["replay", str(2**63)], ["events", "list", "--limit", "0"],
+                 ["simulate", "user_get_card", "--url", "http://127.0.0.1:9/wechat", "--repeat", "0"]):
         result = CliRunner().invoke(main, args, env=cli_env)
         assert result.exit_code == 2 and "Invalid value" in result.output, (args, result.output)

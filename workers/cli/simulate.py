@@ -27,7 +27,8 @@ def _parse_field(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--url", required=True, help="The webhook URL, e.g. http://127.0.0.1:8000/wechat")
 @click.option("--mode", type=click.Choice(["safe", "compat", "plain"]), default="safe", show_default=True)
 @click.option("--field", "fields", multiple=True, metavar="K=V", help="Set a field (Weixin's name). Repeatable.")
-@click.option("--repeat", type=int, default=1, show_default=True, help="Post the same push N times (as retries).")
+@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Post the same push N times (as retries).")
 @click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds, as Weixin waits.")
 def simulate(event: str, url: str, mode: str, fields: tuple[str, ...], repeat: int, timeout: float) -> None:
     """Build EVENT (e.g. user_get_card), sign/encrypt it with the configured account, post it."""
