@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import sqlalchemy as sa
 from cryptography.fernet import Fernet
 
@@ -26,7 +27,7 @@ from workers.activation import fetch_activation, load_activations
 from workers.context import WorkerContext
 from workers.fake_weixin import FakeWeixin
 
-from .live_fixtures import Live, mp_get, mp_post, work
+from .live_fixtures import MP_KEY, Live, mp_get, mp_post, work
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DATA_KEY = Fernet.generate_key().decode()
@@ -514,6 +515,19 @@ def test_activation_ids_beyond_any_row_are_not_found(live: Live) -> None:
     """An id past the largest a row can have is a 404 like a missing one, not a 500 (SQLite's
     OverflowError) or a 503 (PostgreSQL's out-of-range error taken for the store being down)."""
     base, _, _ = live
-    assert mp_get(base, f"activations/{2**63}").status_code == 404
+    beyond = mp_get(base, f"activations/{2**63}")
+    assert beyond.status_code == 404 and beyond.json() == {"error": "not found"}
     missing = mp_get(base, f"activations/{2**63 - 1}")
     assert missing.status_code == 404 and missing.json()["error"] == "no such activation"
+
+
+def test_mp_api_http_errors_are_json(live: Live) -> None:
+    """The Mini Program's backend parses JSON errors: an unknown path and a wrong method answer in JSON
+    under /api/mp (before: Flask's HTML pages); elsewhere Flask's own pages stay."""
+    base, _, _ = live
+    unknown = mp_get(base, "no-such-endpoint")
+    assert unknown.status_code == 404 and unknown.json() == {"error": "not found"}
+    wrong = requests.put(f"{base}/api/mp/card-receipts", json={}, timeout=5, headers={"Authorization": f"Bearer {MP_KEY}"})
+    assert wrong.status_code == 405 and wrong.json() == {"error": "method not allowed"}
+    elsewhere = requests.get(f"{base}/no-such-page", timeout=5)
+    assert elsewhere.status_code == 404 and elsewhere.headers["Content-Type"].startswith("text/html")

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Blueprint, Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
@@ -227,10 +228,19 @@ def _store_down(exc: SQLAlchemyError) -> Response:
     return _error(503, "store unavailable", None)
 
 
+def _http_error(exc: HTTPException) -> Response | HTTPException:
+    """Under /api/mp, an HTTP error (unknown path or id, wrong method, an unhandled exception's 500) as
+    the API's JSON error, which the Mini Program's backend parses; elsewhere Flask's own page."""
+    if not request.path.startswith(f"{bp.url_prefix}/"):
+        return exc
+    return _error(exc.code or 500, (exc.name or "error").lower(), None)
+
+
 def init_app(app: Flask) -> None:
     """Register the Mini Program API."""
     app.register_blueprint(bp)
     app.register_error_handler(InvalidRequestError, _invalid)
     app.register_error_handler(SQLAlchemyError, _store_down)
+    app.register_error_handler(HTTPException, _http_error)
     if not db.settings_of(app).mp_api_key:
         log.info("MP_API_KEY is not set: /api/mp answers 503")
