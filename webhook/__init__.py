@@ -14,7 +14,10 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     """Build the app; settings are read from the environment unless given."""
     if settings is None:
         settings = load_settings()
+    from .views import CappedRequest
+
     app = Flask(__name__, instance_path=str(settings.instance_path.resolve()))
+    app.request_class = CappedRequest  # the body cap holds for chunked bodies too
     app.config.update(MAX_CONTENT_LENGTH=settings.max_body, WXCOUPON_SETTINGS=settings)
     if test_config:
         app.config.update(test_config)

@@ -18,7 +18,6 @@ from . import db
 from .cardext import build_card_ext, card_ext_json
 from .cardstore import RecordKind, cards, mp_records
 from .store import EventStatus, insert_once, utcnow
-from .views import read_body
 
 log = logging.getLogger("wxcoupon.mp_api")
 bp = Blueprint("mp_api", __name__, url_prefix="/api/mp")
@@ -58,7 +57,6 @@ def _text(data: Mapping[str, Any], name: str, *, required: bool = True, max_len:
 
 
 def _json_body() -> dict[str, Any]:
-    read_body(cache=True)  # 413 over the cap, chunked or not; kept for get_json
     try:
         data = request.get_json(silent=True)
     except RecursionError:  # nesting deeper than the parser goes: not a ValueError, so not silenced

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from flask import Blueprint, Flask, Response, request
+from flask import Blueprint, Flask, Request, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import db, logs, metrics
@@ -28,29 +29,33 @@ def verify() -> Response:
     return _plain(echostr)
 
 
-def read_body(cache: bool = False) -> bytes:
-    """The request body, held to MAX_CONTENT_LENGTH (WXCOUPON_MAX_BODY) whether its length was declared or not.
+class CappedRequest(Request):
+    """Flask's request, whose body is held to MAX_CONTENT_LENGTH (WXCOUPON_MAX_BODY) whether its length was
+    declared or not; the app's request class, so every endpoint reading a body (get_data, get_json) has it.
 
     A declared Content-Length over the limit is refused before anything is read
-    (413, by werkzeug). A chunked body declares no length: werkzeug stops
-    reading it at the limit and returns what it read, without saying whether
-    more followed. So a body that reached the limit is probed for one byte
-    more, straight from the server's stream: PayloadTooLargeError (413) if
-    there is one.
+    (413, by werkzeug). A chunked body declares no length: werkzeug cuts it at
+    the limit and returns what it read, without a word on whether more
+    followed. So a body that reached the limit is probed for one byte more,
+    straight from the server's stream: 413 if there is one. (Form parsing reads
+    werkzeug's stream directly and still only cuts: the admin's small forms.)
     """
-    body = request.get_data(cache=cache)
-    limit = request.max_content_length
-    if (limit is not None and len(body) >= limit and request.content_length is None
-            and request.environ["wsgi.input"].read(1)):
-        raise PayloadTooLargeError()
-    return body
+
+    def get_data(self, cache: bool = True, as_text: bool = False, parse_form_data: bool = False) -> Any:
+        """werkzeug's get_data, with the probe."""
+        data: bytes = super().get_data(cache=cache, as_text=False, parse_form_data=parse_form_data)
+        limit = self.max_content_length
+        if (limit is not None and len(data) >= limit and self.content_length is None
+                and self.environ["wsgi.input"].read(1)):
+            raise RequestEntityTooLarge()
+        return data.decode(errors="replace") if as_text else data
 
 
 @bp.post("/wechat")
 def receive() -> Response:
     """Accept one push: verify, decrypt, parse, commit, then answer `success`."""
     settings = db.get_settings()
-    body = read_body()
+    body = request.get_data(cache=False)
     opened = open_push(request.args, body, settings)
     push = parse_push(opened.fields)
     # Raises StoreUnavailableError (503) when the row is not committed: Weixin

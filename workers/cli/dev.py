@@ -12,9 +12,9 @@ import threading
 import time
 from pathlib import Path
 from typing import IO
-from urllib.parse import urlsplit, urlunsplit
 
 import click
+from sqlalchemy.engine import make_url
 
 from webhook import schema
 from webhook.config import DEFAULT_INSTANCE_PATH, DEV_ENV_FILE, Settings
@@ -28,13 +28,8 @@ STOP_GRACE = 10.0  # seconds children get to finish before SIGKILL
 
 
 def without_password(url: str | None) -> str | None:
-    """A database or Redis URL fit to print: its password, if any, replaced by ***."""
-    if not url:
-        return url
-    parts = urlsplit(url)
-    if not parts.password:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+    """A database or Redis URL fit to print: its password, if any, replaced by *** (SQLAlchemy's rendering)."""
+    return make_url(url).render_as_string(hide_password=True) if url else url
 
 
 def write_dev_account(path: Path) -> dict[str, str]:
