@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import threading
 import time
 import urllib.parse
@@ -128,9 +129,12 @@ def test_chunked_bodies_are_held_to_the_size_cap(settings: Settings, tmp_path: P
     """A chunked body declares no length, so the cap cannot be checked before reading. Under gunicorn:
     one byte over WXCOUPON_MAX_BODY gets 413 and stores nothing (werkzeug alone cuts it at the cap and
     hands on what it read); one of exactly the cap is read whole and stored; a push sent chunked is stored.
-    The Mini Program API's JSON bodies are held to the same cap."""
+    The Mini Program API's JSON bodies and the admin's forms are held to the same cap; the API answers
+    its 413 in its JSON error format."""
     cap = 4096
-    env = procs.settings_env(settings, WXCOUPON_MAX_BODY=str(cap), MP_API_KEY="chunked-test-key-0123456789")
+    admin_key = "chunked-admin-key-0123456789"
+    env = procs.settings_env(settings, WXCOUPON_MAX_BODY=str(cap), MP_API_KEY="chunked-test-key-0123456789",
+                             WXCOUPON_ADMIN_KEY=admin_key)  # fmt: skip
     port = procs.free_port()
     log = tmp_path / "serve.log"
     proc = procs.start(["serve", "--port", str(port), "--workers", "1"], env, log)
@@ -154,8 +158,23 @@ def test_chunked_bodies_are_held_to_the_size_cap(settings: Settings, tmp_path: P
         # Valid JSON up to the cap, then whitespace, which a JSON parser would skip.
         receipt = json.dumps({"mp_openid": "oMpChunked", "card_list": [{"card_id": "p" * 27, "code": "x"}]}).encode()
         mp_headers = {"Content-Type": "application/json", "Authorization": "Bearer chunked-test-key-0123456789"}
-        status, _ = _post_chunked(port, {}, receipt + b" " * cap, path="/api/mp/card-receipts", headers=mp_headers)
-        assert status == 413
+        status, text = _post_chunked(port, {}, receipt + b" " * cap, path="/api/mp/card-receipts", headers=mp_headers)
+        assert (status, json.loads(text)) == (413, {"error": "request entity too large"})
+        declared = requests.post(f"http://127.0.0.1:{port}/api/mp/card-receipts", data=receipt + b" " * cap,
+                                 headers=mp_headers, timeout=10)  # fmt: skip
+        assert (declared.status_code, declared.json()) == (413, {"error": "request entity too large"})
+        # The admin's login form, key first, padding past the cap: werkzeug's form parser alone would
+        # read the form up to the cap and log in.
+        admin = requests.Session()
+        page = admin.get(f"http://127.0.0.1:{port}/admin/login", timeout=10).text
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page)
+        form = urllib.parse.urlencode({"csrf": csrf.group(1) if csrf else "", "key": admin_key}).encode()
+        padded = form + b"&pad=" + b"a" * cap
+        login = admin.post(f"http://127.0.0.1:{port}/admin/login", data=iter([padded[:1000], padded[1000:]]),
+                           headers={"Content-Type": "application/x-www-form-urlencoded"},
+                           allow_redirects=False, timeout=10)  # fmt: skip
+        assert login.status_code == 413
+        assert admin.get(f"http://127.0.0.1:{port}/admin/", allow_redirects=False, timeout=10).status_code == 302
     finally:
         procs.stop(proc)
     engine = make_engine(settings)

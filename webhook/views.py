@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import IO, Any, cast
 
 from flask import Blueprint, Flask, Request, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.utils import cached_property
+from werkzeug.wsgi import LimitedStream
 
 from . import db, logs, metrics
 from .envelope import open_push, verify_url
@@ -29,26 +31,43 @@ def verify() -> Response:
     return _plain(echostr)
 
 
+class _CappedStream(LimitedStream):
+    """A body of undeclared length (chunked) held to the cap: at the cap, one more byte means 413."""
+
+    def on_exhausted(self) -> None:
+        """Probe the server's stream for one byte past the cap: if there is one, the body is over it."""
+        if self._stream.read(1):
+            raise RequestEntityTooLarge()
+
+    def readall(self) -> bytes:
+        """The whole body; werkzeug's readall stops at the cap without asking whether more followed."""
+        data = super().readall()
+        if self.is_exhausted:
+            self.on_exhausted()
+        return data
+
+
 class CappedRequest(Request):
     """Flask's request, whose body is held to MAX_CONTENT_LENGTH (WXCOUPON_MAX_BODY) whether its length was
-    declared or not; the app's request class, so every endpoint reading a body (get_data, get_json) has it.
+    declared or not; the app's request class, so every reader of the body (get_data, get_json, the
+    admin's form parsing) is held to it.
 
     A declared Content-Length over the limit is refused before anything is read
-    (413, by werkzeug). A chunked body declares no length: werkzeug cuts it at
-    the limit and returns what it read, without a word on whether more
-    followed. So a body that reached the limit is probed for one byte more,
-    straight from the server's stream: 413 if there is one. (Form parsing reads
-    werkzeug's stream directly and still only cuts: the admin's small forms.)
+    (413, by werkzeug). A chunked body declares no length: werkzeug's stream
+    stops at the limit and reads as ended, without a word on whether more
+    followed, so a push one byte over the cap would be cut and stored. Here the
+    stream of such a body, once at the limit, probes the server's stream for one
+    byte more and answers 413 if there is one.
     """
 
-    def get_data(self, cache: bool = True, as_text: bool = False, parse_form_data: bool = False) -> Any:
-        """werkzeug's get_data, with the probe."""
-        data: bytes = super().get_data(cache=cache, as_text=False, parse_form_data=parse_form_data)
+    @cached_property
+    def stream(self) -> IO[bytes]:
+        """werkzeug's guarded input stream; for an undeclared length under a cap, the probing one."""
         limit = self.max_content_length
-        if (limit is not None and len(data) >= limit and self.content_length is None
-                and self.environ["wsgi.input"].read(1)):
-            raise RequestEntityTooLarge()
-        return data.decode(errors="replace") if as_text else data
+        if (not self.shallow and limit is not None and self.content_length is None
+                and "wsgi.input_terminated" in self.environ):
+            return cast(IO[bytes], _CappedStream(self.environ["wsgi.input"], limit, is_max=True))
+        return super().stream
 
 
 @bp.post("/wechat")
@@ -79,8 +98,10 @@ def handle_webhook_error(exc: WebhookError) -> Response:
     return _plain(exc.reason, exc.status)
 
 
+@bp.errorhandler(RequestEntityTooLarge)
 def handle_too_large(_exc: RequestEntityTooLarge) -> Response:
-    """A body over WXCOUPON_MAX_BODY is refused before it is read."""
+    """A push over WXCOUPON_MAX_BODY: 413 with the push path's short reason (other paths answer in
+    their own format: the Mini Program API's JSON error, Flask's page elsewhere)."""
     return handle_webhook_error(PayloadTooLargeError())
 
 
@@ -88,4 +109,3 @@ def init_app(app: Flask) -> None:
     """Register the endpoint and its error handlers."""
     app.register_blueprint(bp)
     app.register_error_handler(WebhookError, handle_webhook_error)
-    app.register_error_handler(RequestEntityTooLarge, handle_too_large)
