@@ -171,10 +171,19 @@ class TextFormatter(logging.Formatter):
         return f"{self._second(record.created)},{int(record.msecs):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
-        """Render the record with its extra fields."""
-        line = redact_text(super().format(record))
+        """Render the record with its extra fields on its first line, then any traceback or stack."""
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record)
+        line = redact_text(self.formatMessage(record))
         extras = [f"{k}={v}" for k, v in _extras(record).items()]
-        return f"{line} {' '.join(extras)}" if extras else line
+        if extras:  # already redacted, field by field
+            line = f"{line} {' '.join(extras)}"
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        for text in (record.exc_text, record.stack_info and self.formatStack(record.stack_info)):
+            if text:
+                line = f"{line}\n{redact_text(text)}"
+        return line
 
 
 def make_handler(log_format: str) -> logging.Handler:
