@@ -4,6 +4,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import socket
 import threading
 import time
 import urllib.parse
@@ -185,3 +186,17 @@ def test_chunked_bodies_are_held_to_the_size_cap(settings: Settings, tmp_path: P
         engine.dispose()
     assert sorted((m, c) for m, c, _ in stored) == [("event", "700000000001"), ("text", None)]
     assert [len(x.encode()) for m, _, x in stored if m == "text"] == [cap]
+
+
+def test_a_push_not_from_weixin_is_refused_before_its_body_is_read(server: tuple[str, dict[str, str]]) -> None:
+    """The query's signature is checked before the body is read: a request that declares a body and
+    never sends it gets its 403 at once instead of holding a sync worker until the body or a timeout."""
+    url, _ = server
+    parts = urllib.parse.urlsplit(url)
+    stamp = str(int(time.time()))
+    query = urllib.parse.urlencode({"signature": "0" * 40, "timestamp": stamp, "nonce": "42"})
+    with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
+        sock.sendall(f"POST /wechat?{query} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: text/xml\r\n"
+                     f"Content-Length: 1000\r\n\r\n".encode())  # fmt: skip
+        answer = sock.recv(4096)  # socket.timeout here: the server is waiting for the body
+    assert answer.startswith(b"HTTP/1.1 403")

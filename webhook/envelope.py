@@ -38,6 +38,12 @@ def _check_query(args: Mapping[str, str], token: str, tolerance: int, now: float
     return timestamp, nonce
 
 
+def check_push_query(args: Mapping[str, str], settings: Settings, now: float | None = None) -> None:
+    """Verify a push's query (`signature`, timestamp) before its body is read: a request that is not
+    Weixin's is turned away without the server waiting for, or buffering, its body."""
+    _check_query(args, settings.token, settings.timestamp_tolerance, now)
+
+
 def verify_url(args: Mapping[str, str], token: str, now: float | None = None, tolerance: int = 0) -> str:
     """Check Weixin's GET URL verification and return the echostr to send back verbatim."""
     _check_query(args, token, tolerance, now)

@@ -10,7 +10,7 @@ from werkzeug.utils import cached_property
 from werkzeug.wsgi import LimitedStream
 
 from . import db, logs, metrics
-from .envelope import open_push, verify_url
+from .envelope import check_push_query, open_push, verify_url
 from .errors import PayloadTooLargeError, WebhookError
 from .events import parse_push
 from .intake import event_row
@@ -74,6 +74,7 @@ class CappedRequest(Request):
 def receive() -> Response:
     """Accept one push: verify, decrypt, parse, commit, then answer `success`."""
     settings = db.get_settings()
+    check_push_query(request.args, settings)
     body = request.get_data(cache=False)
     opened = open_push(request.args, body, settings)
     push = parse_push(opened.fields)
