@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rq import get_current_job
-from sqlalchemy import Table
+from sqlalchemy import Table, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
 
@@ -20,6 +20,7 @@ from webhook.store import (
     EventStatus,
     abandon_processing,
     add_attempts,
+    among,
     fail_processing,
     finish_processing,
     start_processing,
@@ -95,6 +96,7 @@ class _Run:
     started_at: Any = field(default_factory=utcnow)
     fetched: dict[int, Any] = field(default_factory=dict)
     errors: dict[int, BaseException] = field(default_factory=dict)
+    lost: set[int] = field(default_factory=set)  # rows taken back from this run during its Weixin calls
 
 
 def run_batch(
@@ -131,7 +133,7 @@ def run_batch(
         _fetch(run, rows)
         result = _write_with_retries(run, rows)
     count_outcomes(result.outcomes)  # committed: now they count
-    result.skipped = len(wanted) - len(rows)
+    result.skipped = len(wanted) - len(rows) + len(run.lost)
     failed = {**result.retrying, **result.failed, **result.dead}
     for row_id, text in failed.items():
         log.warning("row failed", extra={"table": table.name, "row_id": row_id, "error": text.split(":")[0]})
@@ -240,7 +242,7 @@ def _write_with_retries(run: _Run, rows: list[Row]) -> BatchResult:
     while True:
         try:
             with worker_writing(run.ctx.engine) as conn:
-                return _write(run, conn, rows, row_by_row)
+                return _write(run, conn, _still_held(run, conn, rows), row_by_row)
         except _SetBasedFailed:
             row_by_row = True
         except OperationalError as exc:
@@ -253,6 +255,34 @@ def _write_with_retries(run: _Run, rows: list[Row]) -> BatchResult:
         except Exception as exc:
             _give_back(run, rows, exc)
             raise
+
+
+def _still_held(run: _Run, conn: Connection, rows: list[Row]) -> list[Row]:
+    """The rows this run still holds (processing under its job), locked for its write phase.
+
+    Between the start and the write phase, with no transaction open, the reaper
+    may have taken the job for lost (Redis restarted without it, or the
+    worker's heartbeat lapsed) and put its rows back to the outbox. A run that
+    was alive after all must then leave those rows, their effects, attempts
+    and outcomes, to the job that has them now.
+    """
+    if not rows:
+        return rows
+    table = run.table
+    owner = table.c.job_id == run.job_id if run.job_id is not None else table.c.job_id.is_(None)
+    stmt = (
+        select(table.c.id)
+        .where(among(conn, table.c.id, [r["id"] for r in rows]), table.c.status == EventStatus.PROCESSING.value, owner)
+        .order_by(table.c.id)
+    )
+    if conn.dialect.name == "postgresql":
+        stmt = stmt.with_for_update()  # the reaper waits for this transaction; SQLite's write lock is held already
+    held = {int(i) for i in conn.execute(stmt).scalars()}
+    run.lost = {int(r["id"]) for r in rows} - held
+    if run.lost:
+        log.warning("rows taken back while this job ran; left to the job that holds them now",
+                    extra={"table": table.name, "rows": len(run.lost)})  # fmt: skip
+    return [r for r in rows if int(r["id"]) in held]
 
 
 def _give_back(run: _Run, rows: list[Row], error: BaseException) -> None:
@@ -297,7 +327,8 @@ def _write(run: _Run, conn: Connection, rows: list[Row], row_by_row: bool = Fals
     each row has a savepoint and fails alone.
     """
     result = BatchResult()
-    errors = dict(run.errors)
+    ids = {row["id"] for row in rows}
+    errors = {row_id: exc for row_id, exc in run.errors.items() if row_id in ids}
     planned: list[tuple[Row, Handler, CardPlan]] = []
     one_by_one: list[Row] = []
     for row in rows:

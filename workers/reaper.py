@@ -30,7 +30,7 @@ from rq.job import Job, JobStatus
 from sqlalchemy import Table, select, update
 
 from webhook import metrics
-from webhook.store import AttemptOutcome, EventStatus, add_attempts, events, utcnow, worker_writing
+from webhook.store import AttemptOutcome, EventStatus, add_attempts, among, events, utcnow, worker_writing
 
 from .context import WorkerContext
 
@@ -185,20 +185,28 @@ def _abandoned_jobs(
 
 
 def requeue_rows(conn: Any, table: Table, job_id: str, status: EventStatus, reason: str) -> list[int]:
-    """Put the rows `job_id` holds in `status` back to pending; record lost attempts of events."""
-    rows = conn.execute(
-        select(table.c.id, table.c.attempts, table.c.updated_at).where(
-            table.c.job_id == job_id, table.c.status == status.value
-        )
-    ).all()
+    """Put the rows `job_id` holds in `status` back to pending; record lost attempts of events.
+
+    Only the rows the UPDATE itself moved count: on PostgreSQL the job may
+    finish some of them between the look and the change (its write phase
+    locks them first), and those are neither requeued nor given an attempt.
+    """
+    held = (table.c.job_id == job_id, table.c.status == status.value)
+    looked = conn.execute(select(table.c.id, table.c.attempts, table.c.updated_at).where(*held)).all()
+    if not looked:
+        return []
+    requeue = update(table).where(among(conn, table.c.id, [int(r.id) for r in looked]), *held).values(
+        status=EventStatus.PENDING.value, job_id=None, last_error=reason[:1000], updated_at=utcnow()
+    )
+    if conn.dialect.update_returning:
+        moved = {int(i) for i in conn.execute(requeue.returning(table.c.id)).scalars()}
+    else:  # SQLite before 3.35: the worker's write lock (BEGIN IMMEDIATE) keeps the look and the change together
+        conn.execute(requeue)
+        moved = {int(r.id) for r in looked}
+    rows = [r for r in looked if int(r.id) in moved]
     if not rows:
         return []
-    ids = [int(r.id) for r in rows]
-    conn.execute(
-        update(table)
-        .where(table.c.id.in_(ids), table.c.job_id == job_id, table.c.status == status.value)
-        .values(status=EventStatus.PENDING.value, job_id=None, last_error=reason[:1000], updated_at=utcnow())
-    )
+    ids = sorted(moved)
     if table is events and status == EventStatus.PROCESSING:
         now = utcnow()
         add_attempts(
