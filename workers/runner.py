@@ -23,7 +23,20 @@ def queues_for(ctx: WorkerContext) -> list[Queue]:
 
 
 class MeasuredWorker(SimpleWorker):
-    """RQ's in-process worker, timing each job into the job duration metric."""
+    """RQ's in-process worker, timing each job into the job duration metric.
+
+    `drained` says whether its last look found every queue empty: in burst
+    mode, whether it stopped because the work was done (RQ's own return value
+    only says whether it ran a job, and it also stops on an unhandled error).
+    """
+
+    drained = False
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        """RQ's dequeue, remembering whether it found nothing."""
+        result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        self.drained = result is None
+        return result
 
     def perform_job(self, job: Any, queue: Queue, *args: Any, **kwargs: Any) -> bool:
         """Run the job as RQ does; record its duration and outcome."""
@@ -36,6 +49,10 @@ class MeasuredWorker(SimpleWorker):
 
 def run_worker(ctx: WorkerContext, *, burst: bool = False, dispatcher: bool = True, name: str | None = None) -> bool:
     """Work the queues until stopped (or empty with `burst`); True if it ran cleanly.
+
+    With `burst`, cleanly means it stopped because the queues were empty,
+    whether or not there was anything to do (a job that failed is the job's
+    row statuses' business, not the worker's).
 
     The worker does not fork per job: jobs carry batches of events, and the
     per-job fork would cost more than the work. supervisord restarts a worker
@@ -55,11 +72,12 @@ def run_worker(ctx: WorkerContext, *, burst: bool = False, dispatcher: bool = Tr
         metrics.mark_process_dead(os.getpid())
 
 
-def _work(ctx: WorkerContext, worker: SimpleWorker, *, burst: bool, dispatcher: bool) -> bool:
+def _work(ctx: WorkerContext, worker: MeasuredWorker, *, burst: bool, dispatcher: bool) -> bool:
     if burst:
         # In burst mode the outbox is drained first, so the run sees every event.
         dispatch_all(ctx)
-        return bool(worker.work(burst=True, logging_level="WARNING"))
+        worker.work(burst=True, logging_level="WARNING")
+        return worker.drained
     thread = Dispatcher(ctx) if dispatcher else None
     if thread is not None:
         thread.start()

@@ -1,0 +1,41 @@
+"""The worker-side commands as an operator meets them: exit codes and bad input."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+
+from webhook.config import Settings
+from webhook.store import events
+from workers.cli import main
+from workers.context import WorkerContext
+
+from . import procs
+from .pushes import make_push
+
+
+@pytest.fixture
+def cli_env(settings: Settings) -> dict[str, str]:
+    """The environment under which the `wxcoupon` CLI loads the test settings."""
+    return procs.settings_env(settings, REDIS_URL=settings.redis_url or "")
+
+
+def _statuses(ctx: WorkerContext) -> list[str]:
+    with ctx.engine.connect() as conn:
+        return list(conn.execute(sa.select(events.c.status).order_by(events.c.id)).scalars())
+
+
+def test_burst_worker_exits_0_with_nothing_to_do_and_when_it_drained_the_queues(
+    client: Any, settings: Settings, worker_ctx: WorkerContext, cli_env: dict[str, str]
+) -> None:
+    """`wxcoupon worker --burst` drains the outbox and the queues, then exits 0, also when there was
+    nothing to do (it used to exit 1 then, silently: RQ's "did any job run")."""
+    idle = procs.wxcoupon(["worker", "--burst"], cli_env)
+    assert idle.returncode == 0, idle.stdout + idle.stderr
+    query, body = make_push(settings, UserCardCode="610000000001")
+    assert client.post("/wechat", query_string=query, data=body).status_code == 200
+    busy = procs.wxcoupon(["worker", "--burst"], cli_env)
+    assert busy.returncode == 0, busy.stdout + busy.stderr
+    assert _statuses(worker_ctx) == ["processed"]
