@@ -39,3 +39,15 @@ def test_burst_worker_exits_0_with_nothing_to_do_and_when_it_drained_the_queues(
     busy = procs.wxcoupon(["worker", "--burst"], cli_env)
     assert busy.returncode == 0, busy.stdout + busy.stderr
     assert _statuses(worker_ctx) == ["processed"]
+
+
+def test_burst_worker_without_dispatcher_leaves_the_outbox_alone(
+    client: Any, settings: Settings, worker_ctx: WorkerContext, cli_env: dict[str, str]
+) -> None:
+    """`--no-dispatcher` ("do not run the outbox dispatcher in this worker") holds with `--burst` too: the
+    worker only runs what is queued, and a pending event stays pending (it used to be dispatched)."""
+    query, body = make_push(settings, UserCardCode="610000000002")
+    assert client.post("/wechat", query_string=query, data=body).status_code == 200
+    result = procs.wxcoupon(["worker", "--burst", "--no-dispatcher"], cli_env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _statuses(worker_ctx) == ["pending"]

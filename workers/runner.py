@@ -74,8 +74,10 @@ def run_worker(ctx: WorkerContext, *, burst: bool = False, dispatcher: bool = Tr
 
 def _work(ctx: WorkerContext, worker: MeasuredWorker, *, burst: bool, dispatcher: bool) -> bool:
     if burst:
-        # In burst mode the outbox is drained first, so the run sees every event.
-        dispatch_all(ctx)
+        # In burst mode the outbox is drained first, so the run sees every event
+        # (unless this worker was told to leave the outbox to others).
+        if dispatcher:
+            dispatch_all(ctx)
         worker.work(burst=True, logging_level="WARNING")
         return worker.drained
     thread = Dispatcher(ctx) if dispatcher else None
