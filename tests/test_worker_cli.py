@@ -51,3 +51,18 @@ def test_burst_worker_without_dispatcher_leaves_the_outbox_alone(
     result = procs.wxcoupon(["worker", "--burst", "--no-dispatcher"], cli_env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert _statuses(worker_ctx) == ["pending"]
+
+
+@pytest.mark.parametrize(("option", "args"), [
+    ("--since", ["events", "list", "--since", "99999999999d"]),
+    ("--since", ["events", "list", "--since", "800000d"]),
+    ("--since", ["replay", "--status", "failed", "--since", "99999999999999h"]),
+    ("--until", ["replay", "--status", "dead", "--until", "1000000d", "--dry-run"]),
+])  # fmt: skip
+def test_an_age_reaching_before_the_year_1_is_a_usage_error_naming_the_option(
+    settings: Settings, cli_env: dict[str, str], option: str, args: list[str]
+) -> None:
+    """An age too large for a date was an OverflowError traceback (exit 1); now a usage error naming the option."""
+    result = CliRunner().invoke(main, args, env=cli_env)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}'" in result.output and "before the year 1" in result.output

@@ -26,12 +26,20 @@ def parse_since(value: str, now: dt.datetime | None = None) -> dt.datetime:
     now = now or dt.datetime.now(dt.timezone.utc)
     match = _RELATIVE.match(value.strip())
     if match:
-        return now - dt.timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+        try:
+            return now - dt.timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+        except OverflowError:  # before year 1, or more days than a timedelta holds
+            raise click.BadParameter(f"{value!r} reaches back before the year 1") from None
     try:
         parsed = dt.datetime.fromisoformat(value)
     except ValueError:
         raise click.BadParameter("use an ISO time (2026-11-25T10:00) or an age (15m, 2h, 7d)") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+
+
+def since_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> dt.datetime | None:
+    """Click callback for a time option: parsed by `parse_since`, a bad value named by its option."""
+    return parse_since(value) if value else None
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
@@ -52,16 +60,17 @@ def events() -> None:
 @events.command("list")
 @click.option("--event", "event_type", help="Only this Event (e.g. user_get_card).")
 @click.option("--status", type=click.Choice([s.value for s in EventStatus]), help="Only this status.")
-@click.option("--since", help="Received at or after: ISO time or age (15m, 2h, 7d).")
+@click.option("--since", callback=since_option, help="Received at or after: ISO time or age (15m, 2h, 7d).")
 @click.option("--limit", type=click.IntRange(min=1, max=ROW_ID_MAX), default=None, help="At most this many.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-def list_command(event_type: str | None, status: str | None, since: str | None, limit: int | None, as_json: bool) -> None:
+def list_command(
+    event_type: str | None, status: str | None, since: dt.datetime | None, limit: int | None, as_json: bool
+) -> None:
     """List events, oldest first."""
     settings = settings_or_exit()
     engine = make_engine(settings)
-    since_at = parse_since(since) if since else None
     with engine.connect() as conn:
-        rows = list_events(conn, event=event_type, status=status, since=since_at, limit=limit)
+        rows = list_events(conn, event=event_type, status=status, since=since, limit=limit)
     engine.dispose()
     for row in rows:
         data = _jsonable(row)

@@ -1,6 +1,8 @@
 """`wxcoupon replay`: send failed, dead or pending events through the workers again."""
 from __future__ import annotations
 
+import datetime as dt
+
 import click
 import redis
 
@@ -9,7 +11,7 @@ from webhook.store import ROW_ID_MAX
 
 from ..context import build_context
 from .common import settings_or_exit
-from .events import parse_since
+from .events import since_option
 
 
 @click.command("replay")
@@ -18,8 +20,8 @@ from .events import parse_since
               help="Replay every event in this status (repeatable).")
 @click.option("--event", "event_type", help="Only this Event (e.g. user_get_card).")
 @click.option("--card-id", help="Only this CardId.")
-@click.option("--since", help="Received at or after: ISO time or age (15m, 2h, 7d).")
-@click.option("--until", help="Received before: ISO time or age.")
+@click.option("--since", callback=since_option, help="Received at or after: ISO time or age (15m, 2h, 7d).")
+@click.option("--until", callback=since_option, help="Received before: ISO time or age.")
 @click.option("--dry-run", is_flag=True, help="List what would be replayed and the count; change nothing.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: when on a terminal].")
 def replay(
@@ -27,8 +29,8 @@ def replay(
     statuses: tuple[str, ...],
     event_type: str | None,
     card_id: str | None,
-    since: str | None,
-    until: str | None,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
     dry_run: bool,
     progress: bool | None,
 ) -> None:
@@ -55,7 +57,7 @@ def replay(
         else:
             flt = EventFilter(
                 statuses=statuses, event=event_type, card_id=card_id,
-                since=parse_since(since) if since else None, until=parse_since(until) if until else None,
+                since=since, until=until,
             )  # fmt: skip
             total = count_replayable(ctx, flt)
             with tqdm(total=total, unit="event", disable=(not progress) if progress is not None else None,
