@@ -66,3 +66,22 @@ def test_an_age_reaching_before_the_year_1_is_a_usage_error_naming_the_option(
     result = CliRunner().invoke(main, args, env=cli_env)
     assert result.exit_code == 2, result.output
     assert f"Invalid value for '{option}'" in result.output and "before the year 1" in result.output
+
+
+def test_replay_of_an_id_that_names_no_event_exits_1_after_replaying_the_others(
+    client: Any, settings: Settings, worker_ctx: WorkerContext, cli_env: dict[str, str]
+) -> None:
+    """A mistyped id is a failure a script must see (it exited 0); a processed event left unchanged is not."""
+    for code in ("610000000003", "610000000004"):
+        query, body = make_push(settings, UserCardCode=code)
+        assert client.post("/wechat", query_string=query, data=body).status_code == 200
+    with worker_ctx.engine.begin() as conn:
+        conn.execute(sa.update(events).where(events.c.id == 1).values(status="failed"))
+        conn.execute(sa.update(events).where(events.c.id == 2).values(status="processed"))
+    result = CliRunner().invoke(main, ["replay", "1", "2", "424242"], env=cli_env)
+    assert result.exit_code == 1, result.output
+    assert "replayed 1 event(s)" in result.output and "1 ID(s) name no event: 424242" in result.output
+    assert _statuses(worker_ctx) == ["queued", "processed"]
+    for dry in ([], ["--dry-run"]):
+        result = CliRunner().invoke(main, ["replay", "2", *dry], env=cli_env)
+        assert result.exit_code == 0, result.output  # processed: left unchanged, as documented

@@ -31,6 +31,7 @@ from .failures import job_retry
 __all__ = ["REPLAYABLE", "EventFilter", "ReplayResult", "replay", "replay_ids", "revive_events"]
 
 PAGE = 1000  # events per transaction and per Redis pipeline
+NO_SUCH_EVENT = "no such event"  # why an id of `replay_ids` was left: it names no event
 
 
 @dataclass
@@ -182,7 +183,7 @@ def replay_ids(ctx: WorkerContext, ids: Sequence[int], *, dry_run: bool = False)
     for event_id in wanted:
         status = found.get(event_id)
         if status is None:
-            result.unchanged[event_id] = "no such event"
+            result.unchanged[event_id] = NO_SUCH_EVENT
         elif status not in allowed:
             result.unchanged[event_id] = f"{status}: not replayed"
     todo = [i for i in wanted if i not in result.unchanged]

@@ -37,11 +37,12 @@ def replay(
     """Replay events by ID, or every event matching --status and the filters.
 
     Processed events are never touched; events in flight are left to their
-    job. Safe to interrupt and to run again.
+    job. Safe to interrupt and to run again. Exits 1 if an ID names no event
+    (after replaying the others).
     """
     from tqdm import tqdm
 
-    from ..replay import count_replayable, replay as run_replay, replay_ids
+    from ..replay import NO_SUCH_EVENT, count_replayable, replay as run_replay, replay_ids
 
     filters = statuses or event_type or card_id or since or until
     if ids and filters:
@@ -85,3 +86,6 @@ def replay(
     else:
         click.echo(f"replayed {result.queued} event(s) in {result.jobs} job(s)"
                    + (f"; {len(result.unchanged)} unchanged" if result.unchanged else ""))
+    missing = sorted(i for i, why in result.unchanged.items() if why == NO_SUCH_EVENT)
+    if missing:
+        raise click.ClickException(f"{len(missing)} ID(s) name no event: {' '.join(map(str, missing[:20]))}")
