@@ -32,7 +32,7 @@ from webhook.store import (
 from webhook.weixin_api import ERRCODE_NETWORK, TransientWeixinError
 
 from .context import WorkerContext
-from .failures import describe, is_transient
+from .failures import describe, is_row_error, is_transient
 from .handlers import Handler, Row, no_fetch
 from .reconcile import CardPlan, apply_plans, count_outcomes
 
@@ -345,9 +345,9 @@ def _write(run: _Run, conn: Connection, rows: list[Row], row_by_row: bool = Fals
     if planned and not row_by_row:
         try:
             result.outcomes.update(apply_plans(conn, [plan for _, _, plan in planned]))
-        except OperationalError:
-            raise  # the database, not a row: the whole write phase is tried again
         except Exception as exc:
+            if isinstance(exc, OperationalError) and not is_row_error(exc):
+                raise  # the database, not a row: the whole write phase is tried again
             log.warning("set-based apply failed; applying row by row", extra={"table": run.table.name}, exc_info=True)
             raise _SetBasedFailed() from exc
         result.processed.extend(row["id"] for row, _, _ in planned)
@@ -364,9 +364,9 @@ def _write(run: _Run, conn: Connection, rows: list[Row], row_by_row: bool = Fals
                 result.outcomes.update(apply_plans(conn, [handler.plan(run.ctx, row, run.fetched.get(row["id"]))]))
             savepoint.commit()
             result.processed.append(row["id"])
-        except OperationalError:
-            raise
         except Exception as exc:
+            if isinstance(exc, OperationalError) and not is_row_error(exc):
+                raise
             savepoint.rollback()
             errors[row["id"]] = exc
     result.processed.sort()

@@ -5,6 +5,12 @@ import redis
 from rq import Retry
 from sqlalchemy.exc import OperationalError
 
+# SQLSTATE classes that psycopg reports as OperationalError although a row's own
+# values cause them, so that no retry can cure them: 54, program limit exceeded
+# (an index row too large for a B-tree, e.g. a card code of a few kB).
+ROW_SQLSTATE_CLASSES = ("54",)
+
+
 def job_retry(intervals: tuple[int, ...]) -> Retry | None:
     """The RQ retry policy of a batch job (WXCOUPON_RETRY_INTERVALS).
 
@@ -26,7 +32,13 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (TransientWeixinError, TokenError)):
         return True
     # Network failures reach the jobs only as TransientWeixinError: the client maps them.
-    return isinstance(exc, (redis.RedisError, OperationalError))
+    return isinstance(exc, (redis.RedisError, OperationalError)) and not is_row_error(exc)
+
+
+def is_row_error(exc: BaseException) -> bool:
+    """True for a database error that the row's own values cause (not the database being busy or away)."""
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    return isinstance(exc, OperationalError) and isinstance(sqlstate, str) and sqlstate[:2] in ROW_SQLSTATE_CLASSES
 
 
 def describe(exc: BaseException) -> str:
