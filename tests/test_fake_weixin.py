@@ -1,6 +1,7 @@
 """The fake Weixin server over real HTTP: Weixin's API behaviour, faults, sandbox and pushes."""
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
@@ -218,6 +219,66 @@ def test_latency_and_dropped_connections(fake_weixin: FakeWeixin) -> None:
         requests.post(f"{fake_weixin.url}/card/code/get", json={"code": "1"}, timeout=5)
     fake_weixin.inject_fault("/card/code/get", http_status=503)
     assert requests.post(f"{fake_weixin.url}/card/code/get", json={"code": "1"}, timeout=5).status_code == 503
+
+
+def test_raw_reply_fault_over_http(fake_weixin: FakeWeixin) -> None:
+    """raw / raw_base64: the next N calls get exactly that body, with http_status or 200; then Weixin again."""
+    body = '{"errcode": 1e999, "errmsg": "不是"}'
+    reply = sandbox(fake_weixin, "faults", {"path": "/card/code/get", "raw": body, "count": 2})
+    assert reply.json()["errcode"] == 0
+    for _ in range(2):
+        answer = requests.post(f"{fake_weixin.url}/card/code/get", json={"code": "1"}, timeout=5)
+        assert (answer.status_code, answer.content) == (200, body.encode("utf-8"))
+        assert answer.headers["Content-Length"] == str(len(body.encode("utf-8")))
+    assert requests.post(f"{fake_weixin.url}/card/code/get", json={"code": "1"}, timeout=5).json()["errcode"] == 41001
+    not_utf8 = b'{"code": "\xff\xed\xa0\x80"}'
+    sandbox(fake_weixin, "faults", {"path": "/card/code/decrypt", "raw_base64": base64.b64encode(not_utf8).decode(),
+                                    "http_status": 502, "content_encoding": "gzip"})  # fmt: skip
+    answer = requests.post(f"{fake_weixin.url}/card/code/decrypt", json={}, timeout=5, stream=True)
+    assert answer.status_code == 502 and answer.headers["Content-Encoding"] == "gzip"
+    assert answer.raw.read(decode_content=False) == not_utf8  # as sent: labelled gzip, not encoded
+    assert fake_weixin.calls("/card/code/get") == 3 and fake_weixin.calls("/card/code/decrypt") == 1
+
+
+def test_raw_reply_can_be_chunked(fake_weixin: FakeWeixin) -> None:
+    """chunked: the raw body streams with no Content-Length, as an upstream that never says how long it is."""
+    raw = b"x" * 300_000
+    fake_weixin.inject_fault("/card/code/get", raw=raw, chunked=True)
+    connection = http.client.HTTPConnection("127.0.0.1", fake_weixin.port, timeout=5)
+    try:
+        connection.request("POST", "/card/code/get", body=b"{}")
+        answer = connection.getresponse()
+        assert answer.getheader("Transfer-Encoding") == "chunked" and answer.getheader("Content-Length") is None
+        assert answer.read() == raw
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("fault", [
+    {"raw": 5},
+    {"raw": "x", "raw_base64": "eA=="},
+    {"raw_base64": "not base64!"},
+    {"raw_base64": 5},
+    {"raw": "\ud800"},  # no UTF-8 for it: raw_base64 sends any bytes
+    {"chunked": True},
+    {"content_encoding": "gzip"},
+    {"raw": "x", "content_encoding": "gzip\r\nX-Injected: 1"},
+])
+def test_raw_reply_fault_arguments_are_checked(fake_weixin: FakeWeixin, fault: dict[str, Any]) -> None:
+    """A raw fault that cannot be sent as asked is refused (400, 40097), and nothing is queued."""
+    reply = sandbox(fake_weixin, "faults", {"path": "/card/code/get", **fault})
+    assert (reply.status_code, reply.json()["errcode"]) == (400, 40097)
+    assert fake_weixin.state.faults == {}
+
+
+def test_raw_reply_fault_in_process(fake_weixin: FakeWeixin) -> None:
+    """inject_fault(raw=bytes) sends any bytes; its arguments are checked as over HTTP."""
+    fake_weixin.inject_fault("/card/code/get", raw=b"\x00\xff", http_status=404)
+    answer = requests.post(f"{fake_weixin.url}/card/code/get", json={}, timeout=5)
+    assert (answer.status_code, answer.content) == (404, b"\x00\xff")
+    with pytest.raises(FakeWeixinError) as caught:
+        fake_weixin.inject_fault("/card/code/get", chunked=True)
+    assert caught.value.errcode == 40097
 
 
 def test_connections_are_kept_alive(fake_weixin: FakeWeixin) -> None:

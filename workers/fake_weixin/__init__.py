@@ -4,6 +4,7 @@
     client = WeixinClient(fake.url, fake.appid, fake.appsecret, redis)
     added = fake.add_card("pCARD", "oOPENID")      # {code, encrypt_code, ...}
     fake.inject_fault("/card/code/get", errcode=-1, count=2)
+    fake.inject_fault("/card/code/get", raw=b'{"errcode": 1e999}')  # any body at all
     fake.stop()
 
 It implements Weixin's API paths (see app.py), the /sandbox/ paths that stand
@@ -150,15 +151,22 @@ class FakeWeixin:
         drop: bool = False,
         http_status: int | None = None,
         errmsg: str | None = None,
+        raw: bytes | str | None = None,
+        chunked: bool = False,
+        content_encoding: str | None = None,
     ) -> None:
-        """Misbehave on the next `count` calls of `path` (as POST /sandbox/faults)."""
-        body: dict[str, Any] = {"path": path, "count": count, "latency_ms": latency_ms, "drop": drop}
-        if errcode is not None:
-            body["errcode"] = errcode
-        if http_status is not None:
-            body["http_status"] = http_status
-        if errmsg is not None:
-            body["errmsg"] = errmsg
+        """Misbehave on the next `count` calls of `path` (as POST /sandbox/faults).
+
+        `raw` replies with that body as is (str: its UTF-8), with `http_status`
+        or 200: any reply a broken upstream could send. `chunked` sends it
+        with no Content-Length; `content_encoding` labels it (nothing is encoded).
+        """
+        body: dict[str, Any] = {"path": path, "count": count, "latency_ms": latency_ms, "drop": drop,
+                                "chunked": chunked}
+        for name, value in (("errcode", errcode), ("http_status", http_status), ("errmsg", errmsg), ("raw", raw),
+                            ("content_encoding", content_encoding)):
+            if value is not None:
+                body[name] = value
         try:
             self.state.add_fault(*make_fault(body))
         except WeixinFailure as failure:

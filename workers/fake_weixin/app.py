@@ -5,9 +5,12 @@ Sandbox paths answer 400 with an errcode when a request cannot be applied.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import contextlib
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
@@ -18,6 +21,8 @@ from .state import Fault, FakeState, PushEvent, WeixinFailure, form_info
 
 ApiHandler = Callable[[dict[str, Any]], dict[str, Any]]
 SandboxAction = Callable[[FakeState, Mapping[str, Any]], tuple[dict[str, Any], list[PushEvent]]]
+
+RAW_CHUNK = 64 * 1024  # bytes per chunk of a chunked raw reply
 
 
 def _failure_json(failure: WeixinFailure) -> dict[str, Any]:
@@ -146,6 +151,9 @@ def make_fault(body: Mapping[str, Any]) -> tuple[str, Fault]:
     if not isinstance(path, str) or not path:
         raise WeixinFailure(41011, "missing required field path")
     errcode, status = body.get("errcode"), body.get("http_status")
+    encoding = body.get("content_encoding")
+    if encoding is not None and (not isinstance(encoding, str) or not encoding.isascii() or not encoding.isprintable()):
+        raise WeixinFailure(40097, "invalid args: content_encoding is a header value")
     try:
         fault = Fault(
             remaining=int(body.get("count", 1)),
@@ -154,12 +162,52 @@ def make_fault(body: Mapping[str, Any]) -> tuple[str, Fault]:
             latency_ms=int(body.get("latency_ms", 0)),
             drop=_flag(body.get("drop", False)),
             http_status=int(status) if status is not None else None,
+            raw=_raw_body(body),
+            chunked=_flag(body.get("chunked", False)),
+            content_encoding=encoding,
         )
     except (TypeError, ValueError):
         raise WeixinFailure(40097, "invalid args: count, errcode, latency_ms and http_status are integers") from None
     if fault.remaining < 1:
         raise WeixinFailure(40097, "invalid args: count must be at least 1")
+    if (fault.chunked or fault.content_encoding is not None) and fault.raw is None:
+        raise WeixinFailure(40097, "invalid args: chunked and content_encoding go with raw or raw_base64")
     return "/" + path.lstrip("/"), fault
+
+
+def _raw_body(body: Mapping[str, Any]) -> bytes | None:
+    """The raw reply of a fault: `raw` as text (sent UTF-8), or `raw_base64` for bytes JSON cannot carry."""
+    raw, encoded = body.get("raw"), body.get("raw_base64")
+    if raw is not None and encoded is not None:
+        raise WeixinFailure(40097, "invalid args: raw or raw_base64, not both")
+    if isinstance(raw, bytes):  # FakeWeixin.inject_fault, in process
+        return raw
+    if isinstance(raw, str):
+        try:
+            return raw.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: not text; raw_base64 sends any bytes
+            raise WeixinFailure(40097, "invalid args: raw is text (raw_base64 for other bytes)") from None
+    if raw is not None:
+        raise WeixinFailure(40097, "invalid args: raw is a string")
+    if encoded is None:
+        return None
+    if isinstance(encoded, str):
+        with contextlib.suppress(binascii.Error):
+            return base64.b64decode(encoded, validate=True)
+    raise WeixinFailure(40097, "invalid args: raw_base64 is base64")
+
+
+def _raw_reply(fault: Fault) -> Response:
+    """The fault's raw body with the status it asks for (200 by default), unchecked by anything."""
+    raw = fault.raw or b""
+    body: bytes | Iterator[bytes] = raw
+    if fault.chunked:
+        # An iterable body has no Content-Length: the server sends it chunked (HTTP/1.1).
+        body = (raw[i:i + RAW_CHUNK] for i in range(0, len(raw), RAW_CHUNK))
+    response = Response(body, status=fault.http_status or 200, content_type="application/json")
+    if fault.content_encoding is not None:
+        response.headers["Content-Encoding"] = fault.content_encoding
+    return response
 
 
 # -- the app ---------------------------------------------------------------------
@@ -178,12 +226,14 @@ def create_app(state: FakeState, pusher: Pusher | None = None) -> Flask:
         fault = state.take_fault(request.path)
         if fault is None:
             return None
-        if not (fault.drop or fault.errcode is not None or fault.http_status is not None):
+        if not (fault.drop or fault.errcode is not None or fault.http_status is not None or fault.raw is not None):
             g.latency_ms = fault.latency_ms  # a slow reply: the call itself still happens
             return None
         time.sleep(fault.latency_ms / 1000)
         if fault.drop:
             return _drop_connection()
+        if fault.raw is not None:
+            return _raw_reply(fault)
         if fault.http_status is not None:
             return Response("fake upstream failure", status=fault.http_status, mimetype="text/plain")
         return jsonify(_failure_json(WeixinFailure(int(fault.errcode or 0), fault.errmsg)))

@@ -83,6 +83,9 @@ class Fault:
     latency_ms: int = 0
     drop: bool = False
     http_status: int | None = None
+    raw: bytes | None = None  # the reply body as is, instead of Weixin's JSON (status: http_status or 200)
+    chunked: bool = False  # send `raw` in chunks with no Content-Length, as a streaming upstream does
+    content_encoding: str | None = None  # a Content-Encoding header on the raw reply (the body is not encoded here)
 
 
 @dataclass
