@@ -38,6 +38,7 @@ from webhook.weixin_api import AmbiguousTimeoutError, TicketExpiredError, Transi
 from .batch import run_batch
 from .cardconfig import validate_activate_request
 from .context import WorkerContext
+from .failures import loggable
 from .handlers import Handler
 from .member_info import int_or_none, member_data
 from .membership import MembershipNumberError, assign_membership_number, store_member
@@ -230,5 +231,5 @@ def process_activations(ctx: WorkerContext, ids: list[int]) -> dict[str, int]:
         if recorder.errors:
             try:
                 record_failures(ctx, recorder.errors)
-            except Exception:  # the status and last_error are stored already; the API falls back to them
-                log.exception("could not record activation results")
+            except Exception as exc:  # the status and last_error are stored already; the API falls back to them
+                log.error("could not record activation results", extra={"error": loggable(exc)})

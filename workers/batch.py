@@ -32,7 +32,7 @@ from webhook.store import (
 from webhook.weixin_api import ERRCODE_NETWORK, TransientWeixinError
 
 from .context import WorkerContext
-from .failures import describe, is_row_error, is_transient
+from .failures import describe, is_row_error, is_transient, loggable
 from .handlers import Handler, Row, no_fetch
 from .reconcile import CardPlan, apply_plans, count_outcomes
 
@@ -169,7 +169,7 @@ def _start(run: _Run, ids: list[int], load: Callable[[Any, list[int]], list[Row]
 
 def _pause(run: _Run, attempt: int, exc: BaseException) -> None:
     log.warning("database refused the transaction; trying again",
-                extra={"table": run.table.name, "error": describe(exc)[:200]})  # fmt: skip
+                extra={"table": run.table.name, "error": loggable(exc)})  # fmt: skip
     time.sleep(WRITE_BACKOFF[min(attempt, len(WRITE_BACKOFF) - 1)])
 
 
@@ -301,8 +301,9 @@ def _give_back(run: _Run, rows: list[Row], error: BaseException) -> None:
             if run.record_attempts and moved:
                 now = utcnow()
                 add_attempts(conn, [_attempt(run, row_id, attempts, outcome, text, now) for row_id, attempts in moved])
-    except Exception:
-        log.exception("rows of a failed write phase not given back; the reaper will", extra={"table": run.table.name})
+    except Exception as exc:
+        log.error("rows of a failed write phase not given back; the reaper will",
+                  extra={"table": run.table.name, "error": loggable(exc)})  # fmt: skip
         return
     log.warning("write phase failed; rows given back", extra={"table": run.table.name, "rows": len(moved),
                                                                "status": status.value})  # fmt: skip
@@ -348,7 +349,8 @@ def _write(run: _Run, conn: Connection, rows: list[Row], row_by_row: bool = Fals
         except Exception as exc:
             if isinstance(exc, OperationalError) and not is_row_error(exc):
                 raise  # the database, not a row: the whole write phase is tried again
-            log.warning("set-based apply failed; applying row by row", extra={"table": run.table.name}, exc_info=True)
+            log.warning("set-based apply failed; applying row by row",
+                        extra={"table": run.table.name, "error": loggable(exc)})  # fmt: skip
             raise _SetBasedFailed() from exc
         result.processed.extend(row["id"] for row, _, _ in planned)
     elif planned:

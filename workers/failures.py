@@ -44,3 +44,20 @@ def is_row_error(exc: BaseException) -> bool:
 def describe(exc: BaseException) -> str:
     """A short error text for the status column: type and message, no payload."""
     return f"{type(exc).__name__}: {exc}"[:1000]
+
+
+def loggable(exc: BaseException) -> str:
+    """The error for a log line: exception types only, and a database's own first line.
+
+    A SQLAlchemy error's text carries the statement's parameters (the rows'
+    codes and openids), and a driver's detail lines can quote a value: neither
+    may reach a log. The full text goes to the row's last_error instead.
+    """
+    orig = getattr(exc, "orig", None)
+    if orig is None:
+        return type(exc).__name__
+    text = f"{type(exc).__name__} ({type(orig).__name__})"
+    if isinstance(exc, OperationalError):  # busy, locked, deadlock, gone: the first line says which, with no value
+        first = str(orig).strip().splitlines()
+        text += f": {first[0][:120]}" if first else ""
+    return text
