@@ -19,6 +19,7 @@ from webhook import weixin_api
 from webhook.config import ConfigError, Settings
 from workers.fake_weixin import FakeWeixin
 from webhook.weixin_api import (
+    ERRCODE_BAD_RESPONSE,
     ERRCODE_HTTP,
     AmbiguousTimeoutError,
     CardUnavailableError,
@@ -640,3 +641,122 @@ def _refreshes(result: str) -> float:
     from webhook import metrics
 
     return metrics.metrics().registry.get_sample_value("wxcoupon_token_refreshes_total", {"result": result}) or 0.0
+
+
+# -- hostile replies: whatever comes back, the client's own error ---------------------------------------------
+
+_BAD_REPLIES = [
+    pytest.param(b"[" * 100_000 + b"]" * 100_000, id="nested-past-the-parser"),  # was RecursionError
+    pytest.param(b'{"a":' * 100_000 + b"1" + b"}" * 100_000, id="objects-nested-past-the-parser"),
+    pytest.param(b'{"errcode": 0, "code": "1", "x": ' + b"[" * 40 + b"]" * 40 + b"}", id="nested-past-max-depth"),
+    pytest.param(b'{"errcode": 1e999}', id="errcode-1e999"),  # was OverflowError
+    pytest.param(b'{"errcode": -1e999}', id="errcode-minus-1e999"),
+    pytest.param(b'{"errcode": Infinity}', id="errcode-Infinity"),
+    pytest.param(b'{"errcode": NaN}', id="errcode-NaN"),
+    pytest.param(b'{"errcode": 0, "code": "1", "x": NaN}', id="NaN-elsewhere"),
+    pytest.param(b'{"errcode": 0, "code": "1", "x": 1e400}', id="float-out-of-range-elsewhere"),
+    pytest.param(b'{"errcode": 0, "code": "1", "code": "2"}', id="duplicate-key"),
+    pytest.param(b'{"errcode": 40001, "errcode": 0, "code": "1"}', id="duplicate-errcode"),
+    pytest.param(b'{"errcode": null, "code": "1"}', id="errcode-null"),  # was read as 0: success
+    pytest.param(b'{"errcode": false, "code": "1"}', id="errcode-false"),
+    pytest.param(b'{"errcode": true, "code": "1"}', id="errcode-true"),
+    pytest.param(b'{"errcode": "", "code": "1"}', id="errcode-empty-string"),
+    pytest.param(b'{"errcode": "0", "code": "1"}', id="errcode-string-0"),
+    pytest.param(b'{"errcode": "40001", "code": "1"}', id="errcode-string-40001"),
+    pytest.param(b'{"errcode": [], "code": "1"}', id="errcode-list"),
+    pytest.param(b'{"errcode": {}, "code": "1"}', id="errcode-object"),
+    pytest.param(b'{"errcode": 0.5, "code": "1"}', id="errcode-float"),
+    pytest.param(b'{"errcode": 40001.0}', id="errcode-integral-float"),
+    pytest.param(b'{"errcode": 1099511627776}', id="errcode-past-32-bits"),
+    pytest.param(b'{"errcode": -1002, "errmsg": "timeout?"}', id="errcode-of-this-client"),
+    pytest.param(b"", id="empty"),
+    pytest.param(b"[]", id="array"),
+    pytest.param(b'"ok"', id="string"),
+    pytest.param(b"0", id="number"),
+    pytest.param(b"null", id="null"),
+    pytest.param(b"<html>bad gateway</html>", id="html"),
+    pytest.param(b'{"errcode": 0, "code": "\xff1"}', id="invalid-utf8"),
+    pytest.param(b'{"errcode": 0, "code": "\xed\xa0\x801"}', id="utf8-encoded-surrogate"),
+    pytest.param('{"errcode": 0, "code": "1"}'.encode("utf-16"), id="utf16"),
+    pytest.param(b'{"errcode": 0, "code": "1\\ud800"}', id="escaped-lone-surrogate"),
+    pytest.param(b'{"errcode": 0, "code": "1", "x": ["\\udfff"]}', id="escaped-lone-surrogate-elsewhere"),
+    pytest.param(b'{"errcode": 0, "code": 226009850808}', id="code-number"),
+    pytest.param(b'{"errcode": 0, "code": ""}', id="code-empty"),
+    pytest.param(b'{"errcode": 0, "code": "2260\\u00009850"}', id="code-with-NUL"),
+    pytest.param(b'{"errcode": 0, "code": "2260\\n9850"}', id="code-with-newline"),
+    pytest.param(b'{"errcode": 0, "code": "' + b"1" * 129 + b'"}', id="code-too-long"),
+]
+
+
+@pytest.mark.parametrize("raw", _BAD_REPLIES)
+def test_unusable_reply_is_bad_response(fake_weixin: FakeWeixin, weixin_client: WeixinClient, raw: bytes) -> None:
+    """Any reply the client cannot use whole is WeixinAPIError(ERRCODE_BAD_RESPONSE), like a reply that is no
+    JSON: not retried, never a parser's exception or a value that breaks the caller later."""
+    weixin_client.get_access_token()
+    fake_weixin.inject_fault("/card/code/decrypt", raw=raw, count=5)
+    with pytest.raises(WeixinAPIError) as caught:
+        weixin_client.decrypt_code("anything")
+    assert type(caught.value) is WeixinAPIError and caught.value.errcode == ERRCODE_BAD_RESPONSE
+    assert fake_weixin.calls("/card/code/decrypt") == 1
+
+
+def test_a_bad_reply_is_counted_and_logged_without_its_content(
+    fake_weixin: FakeWeixin, weixin_client: WeixinClient, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Metrics label it bad_response; the log line names path and reason, never the reply or the token;
+    a call that changes state is not sent again."""
+    caplog.set_level(logging.DEBUG, logger="webhook.weixin_api")
+    token = weixin_client.get_access_token()
+    before = _calls("card/membercard/activate", "bad_response")
+    marker = "oPersonalOpenid0000SECRET"
+    fake_weixin.inject_fault("/card/membercard/activate", count=5,
+                             raw=f'{{"errcode": 1e999, "openid": "{marker}", "echo": "{token}"}}')  # fmt: skip
+    with pytest.raises(WeixinAPIError) as caught:
+        weixin_client.activate_member_card(membership_number="M1", code="226009850808")
+    assert type(caught.value) is WeixinAPIError and caught.value.errcode == ERRCODE_BAD_RESPONSE
+    assert fake_weixin.calls("/card/membercard/activate") == 1
+    assert _calls("card/membercard/activate", "bad_response") == before + 1
+    assert "card/membercard/activate errcode=-1004: reply has a number out of range" in caplog.text
+    rendered = "".join(traceback.format_exception(caught.value)) + caplog.text
+    assert marker not in rendered and token not in rendered and "1e999" not in rendered
+
+
+def test_errmsg_is_kept_only_as_plain_text(fake_weixin: FakeWeixin, weixin_client: WeixinClient) -> None:
+    """errmsg reaches stored results and the Mini Program: an object is dropped, control characters go."""
+    weixin_client.get_access_token()
+    fake_weixin.inject_fault("/card/code/get", raw=b'{"errcode": 40097, "errmsg": {"openid": "oLeaked"}}')
+    with pytest.raises(WeixinAPIError) as caught:
+        weixin_client.get_code("226009850808")
+    assert caught.value.errcode == 40097 and caught.value.errmsg == ""
+    fake_weixin.inject_fault("/card/code/get", raw=b'{"errcode": 40097, "errmsg": "bad\\u0000arg\\nrid: 1"}')
+    with pytest.raises(WeixinAPIError) as caught:
+        weixin_client.get_code("226009850808")
+    assert caught.value.errcode == 40097 and caught.value.errmsg == "bad arg rid: 1"
+
+
+# -- credentials ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("path", "raw"), [
+    pytest.param("/cgi-bin/stable_token", b'{"access_token": "FAKE\\u0000STABLE", "expires_in": 7200}', id="token-NUL"),
+    pytest.param("/cgi-bin/stable_token", b'{"access_token": "FAKE STABLE\\r\\nX: 1", "expires_in": 7200}',
+                 id="token-CRLF"),
+    pytest.param("/cgi-bin/stable_token", b'{"access_token": "' + b"T" * 2049 + b'", "expires_in": 7200}',
+                 id="token-too-long"),
+    pytest.param("/cgi-bin/stable_token", b'{"access_token": "FAKE\\udc00", "expires_in": 7200}',
+                 id="token-lone-surrogate"),  # was UnicodeEncodeError from Redis
+    pytest.param("/cgi-bin/stable_token", b'{"access_token": 12345, "expires_in": 7200}', id="token-number"),
+    pytest.param("/cgi-bin/ticket/getticket", b'{"errcode": 0, "ticket": ["K1"], "expires_in": 7200}', id="ticket-list"),
+    pytest.param("/cgi-bin/ticket/getticket", b'{"errcode": 0, "ticket": "K\\u00071", "expires_in": 7200}',
+                 id="ticket-BEL"),
+])
+def test_a_malformed_credential_is_bad_response(
+    fake_weixin: FakeWeixin, weixin_client: WeixinClient, redis_client: redis.Redis, path: str, raw: bytes,
+) -> None:
+    """A token or ticket that is not plain bounded text (it goes into URLs and Redis) is refused, not cached."""
+    fake_weixin.inject_fault(path, raw=raw)
+    with pytest.raises(WeixinAPIError) as caught:
+        weixin_client.get_card_api_ticket()
+    assert caught.value.errcode == ERRCODE_BAD_RESPONSE
+    assert redis_client.get(weixin_client.access_token_key) is None or path.endswith("getticket")
+    assert redis_client.get(weixin_client.card_ticket_key) is None

@@ -11,14 +11,21 @@ Every HTTP call has a timeout; calls that change state on Weixin's side are
 never retried once the request may have been sent.
 Nothing secret is logged or put into an exception message: log lines carry the
 API path and the errcode only.
+A reply is trusted as little as a request from the Internet: it must be
+strict UTF-8 JSON (no NaN, no duplicate keys, no lone surrogates, shallow),
+and the fields callers read must have Weixin's types; anything else is
+WeixinAPIError(ERRCODE_BAD_RESPONSE), never a parser's exception or a value
+that breaks a caller later.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import math
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
@@ -54,13 +61,17 @@ DEFAULT_KEY_PREFIX = "wxcoupon:weixin"  # Redis keys: <prefix>:<appid>:...
 TOKEN_EXPIRY_MARGIN = 300  # cache a credential this much shorter than expires_in
 LOCAL_CACHE_SECONDS = 10.0  # a client reuses a credential read from Redis this long at most
 DEFAULT_EXPIRES_IN = 7200  # what Weixin grants when a reply omits expires_in
+MAX_REPLY_DEPTH = 32  # nesting of a reply (Weixin's go 4 deep); callers and the JSON encoder recurse on it
+MAX_ID_CHARS = 128  # codes, openids, card ids, statuses (Weixin's are far shorter); callers store and key on them
+MAX_TEXT_CHARS = 2048  # access_token, ticket, url (Weixin reserves 512 for a token); they go into URLs and Redis
+MAX_ERRMSG_CHARS = 300  # of Weixin's errmsg kept in an error (it is stored and shown to the Mini Program)
 
 # errcodes this client makes up for failures that have no Weixin errcode.
 # Weixin's own codes are -1, 0 and positive, so these never collide.
 ERRCODE_NETWORK = -1001  # connection failed or was lost
 ERRCODE_TIMEOUT = -1002  # no reply within the timeout
 ERRCODE_HTTP = -1003  # HTTP status other than 200
-ERRCODE_BAD_RESPONSE = -1004  # reply is not a JSON object, or lacks a field
+ERRCODE_BAD_RESPONSE = -1004  # reply unusable: not strict JSON, not an object, a field missing or malformed
 ERRCODE_LOCK = -1005  # another process holds the refresh lock for too long
 # Besides 5xx: statuses with which a server or proxy turns a request away
 # without acting on it (timed out reading it; rate limited), as safe to retry.
@@ -275,11 +286,12 @@ class WeixinClient:
         else:
             path = "cgi-bin/token"
             data = self._call("GET", path, params=body, authenticated=False)
-        return self._field(data, "access_token", path), self._expires_in(data)
+        return self._field(data, "access_token", path, MAX_TEXT_CHARS), self._expires_in(data)
 
     def _fetch_card_ticket(self) -> tuple[str, int]:
-        data = self._call("GET", "cgi-bin/ticket/getticket", params={"type": "wx_card"})
-        return self._field(data, "ticket", "cgi-bin/ticket/getticket"), self._expires_in(data)
+        path = "cgi-bin/ticket/getticket"
+        data = self._call("GET", path, params={"type": "wx_card"})
+        return self._field(data, "ticket", path, MAX_TEXT_CHARS), self._expires_in(data)
 
     def _cached(self, key: str, fetch: Callable[[], tuple[str, int]], failed: str | None = None) -> str:
         """A credential from this client's short-lived copy, else Redis, refreshing it under the lock when needed.
@@ -350,10 +362,12 @@ class WeixinClient:
             return DEFAULT_EXPIRES_IN
 
     @staticmethod
-    def _field(data: Mapping[str, Any], name: str, path: str) -> str:
+    def _field(data: Mapping[str, Any], name: str, path: str, max_chars: int = MAX_ID_CHARS) -> str:
         value = data.get(name)
         if not isinstance(value, str) or not value:
-            raise WeixinAPIError(ERRCODE_BAD_RESPONSE, f"reply has no {name}", path)
+            raise _bad_reply(f"reply has no {name}", path)
+        if not _is_text(value, max_chars):
+            raise _bad_reply(f"reply has a malformed {name}", path)
         return value
 
     # -- the APIs -----------------------------------------------------------
@@ -404,7 +418,7 @@ class WeixinClient:
         if outer_str is not None:
             body["outer_str"] = outer_str
         data = self._call("POST", "card/membercard/activate/geturl", body)
-        return self._field(data, "url", "card/membercard/activate/geturl")
+        return self._field(data, "url", "card/membercard/activate/geturl", MAX_TEXT_CHARS)
 
     def set_activate_user_form(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         """Set the fields of the activation form (card_id, required_form, optional_form...).
@@ -524,25 +538,104 @@ class WeixinClient:
             raise TransientWeixinError(ERRCODE_HTTP, f"HTTP {status}", path)
         if status != 200:
             raise WeixinAPIError(ERRCODE_HTTP, f"HTTP {status}", path)
-        try:
-            reply = json.loads(response.data)
-        except ValueError:
-            reply = None
-        if not isinstance(reply, dict):
-            raise WeixinAPIError(ERRCODE_BAD_RESPONSE, "reply is not a JSON object", path)
-        try:
-            errcode = int(reply.get("errcode") or 0)
-        except (TypeError, ValueError):
-            raise WeixinAPIError(ERRCODE_BAD_RESPONSE, "reply has a malformed errcode", path) from None
+        reply = _parse_reply(response.data, path)
+        errcode = reply.get("errcode", 0)  # absent in a successful cgi-bin/token reply
+        # type(): bool is an int. Our own codes would pass for a failure that never reached Weixin; an errcode
+        # past 32 bits does not fit the column callers store it in. (null and "" once read as 0: success.)
+        if type(errcode) is not int or not -(2**31) <= errcode < 2**31 or errcode in _METRIC_ERRCODES:
+            raise _bad_reply("reply has a malformed errcode", path)
         if errcode != 0:
             log.warning("weixin %s errcode=%d", path, errcode)
-            raise error_for(errcode, self._redact(str(reply.get("errmsg", "")), token), path)
+            raise error_for(errcode, self._errmsg(reply.get("errmsg"), token), path)
         log.debug("weixin %s ok", path)
         return reply
 
-    def _redact(self, text: str, token: str | None) -> str:
-        """errmsg as Weixin wrote it, minus anything secret, kept short."""
+    def _errmsg(self, value: Any, token: str | None) -> str:
+        """errmsg as Weixin wrote it, minus anything secret, kept short, as text any column can hold.
+
+        It reaches the Mini Program (activation results): anything but a string
+        is not Weixin's message and could carry anything, so it is dropped.
+        """
+        if not isinstance(value, str):
+            return ""
         for secret in (self._appsecret, token):
             if secret:
-                text = text.replace(secret, "***")
-        return text[:300]
+                value = value.replace(secret, "***")
+        return _CONTROL.sub(" ", value[:MAX_ERRMSG_CHARS])
+
+
+# -- replies ------------------------------------------------------------------------------
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # PostgreSQL text refuses NUL; the rest breaks lines and logs
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a lone one fits no UTF-8 column, Redis key or log
+
+
+def _bad_reply(reason: str, path: str) -> WeixinAPIError:
+    """The error for a reply that cannot be used, logged: `reason` is ours, never the reply's text."""
+    log.warning("weixin %s errcode=%d: %s", path, ERRCODE_BAD_RESPONSE, reason)
+    return WeixinAPIError(ERRCODE_BAD_RESPONSE, reason, path)
+
+
+class _UnusableJSONError(ValueError):
+    """JSON the standard parser takes but no caller can use; the message is ours, never the reply's."""
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 reads as inf, which no int() or column takes
+        raise _UnusableJSONError("a number out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise _UnusableJSONError("NaN or Infinity")  # Python's extension of JSON
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):  # which one counts depends on the parser: the reply means nothing for sure
+        raise _UnusableJSONError("a duplicate key")
+    return obj
+
+
+_DECODER = json.JSONDecoder(parse_float=_finite, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
+
+
+def _parse_reply(raw: bytes, path: str) -> dict[str, Any]:
+    """A reply body as a JSON object every caller can use, or the bad-reply error."""
+    try:
+        # Strict UTF-8: json.loads of bytes would also take UTF-16 and UTF-8-encoded surrogates.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise _bad_reply("reply is not UTF-8", path) from None
+    try:
+        reply = _DECODER.decode(text)
+    except _UnusableJSONError as exc:
+        raise _bad_reply(f"reply has {exc}", path) from None
+    except RecursionError:  # not a ValueError: it escaped the old `except ValueError`
+        raise _bad_reply("reply is nested too deep", path) from None
+    except ValueError:
+        raise _bad_reply("reply is not JSON", path) from None
+    if not isinstance(reply, dict):
+        raise _bad_reply("reply is not a JSON object", path)
+    level: list[Any] = [reply]
+    depth = 1
+    while level:  # level by level, not recursively: the parser may have nearly exhausted the stack
+        if depth > MAX_REPLY_DEPTH:
+            raise _bad_reply("reply is nested too deep", path)
+        level = [child for node in level for child in (node.values() if isinstance(node, dict) else node)
+                 if isinstance(child, (dict, list))]
+        depth += 1
+    # Strict UTF-8 bytes hold no surrogate: only a \uD800-\uDFFF escape makes one (a pair is a character).
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(reply, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise _bad_reply("reply has a lone surrogate", path) from None
+    return reply
+
+
+def _is_text(value: Any, max_chars: int) -> bool:
+    """A string a column, a Redis key, a URL or a log line can hold."""
+    return isinstance(value, str) and len(value) <= max_chars and not _CONTROL.search(value)
+
