@@ -85,3 +85,25 @@ def test_replay_of_an_id_that_names_no_event_exits_1_after_replaying_the_others(
     for dry in ([], ["--dry-run"]):
         result = CliRunner().invoke(main, ["replay", "2", *dry], env=cli_env)
         assert result.exit_code == 0, result.output  # processed: left unchanged, as documented
+
+
+@pytest.mark.parametrize("args", [
+    ["events", "list"], ["events", "show", "1"], ["replay", "1"], ["replay", "--status", "failed"], ["sweep"],
+    ["reconcile", "report"], ["members", "show", "--card-id", "pCard", "--code", "123456789012"],
+])  # fmt: skip
+def test_a_database_that_does_not_answer_is_one_line_naming_database_url(
+    settings: Settings, cli_env: dict[str, str], args: list[str]
+) -> None:
+    """The runbook's commands on a database that is down: exit 1 with the driver's reason, not a traceback."""
+    env = {**cli_env, "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{procs.free_port()}/test"}
+    result = CliRunner().invoke(main, args, env=env)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "cannot use the database of DATABASE_URL" in result.output and "Connection refused" in result.output
+
+
+def test_redis_that_does_not_answer_is_one_line_naming_redis_url(settings: Settings, cli_env: dict[str, str]) -> None:
+    """`wxcoupon workers` with Redis down: exit 1 and one line, not redis-py's traceback."""
+    env = {**cli_env, "REDIS_URL": f"redis://127.0.0.1:{procs.free_port()}/0"}
+    result = CliRunner().invoke(main, ["workers"], env=env)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "redis unreachable (REDIS_URL)" in result.output
