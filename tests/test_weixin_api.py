@@ -1,6 +1,7 @@
 """WeixinClient over real HTTP against the fake Weixin, with tokens shared through real Redis."""
 from __future__ import annotations
 
+import gzip
 import logging
 import socket
 import subprocess
@@ -732,6 +733,50 @@ def test_errmsg_is_kept_only_as_plain_text(fake_weixin: FakeWeixin, weixin_clien
     with pytest.raises(WeixinAPIError) as caught:
         weixin_client.get_code("226009850808")
     assert caught.value.errcode == 40097 and caught.value.errmsg == "bad arg rid: 1"
+
+
+# -- how much of a reply is read -----------------------------------------------------------------------------
+
+
+def _padded_reply(size: int) -> bytes:
+    """A valid decrypt reply of exactly `size` bytes."""
+    head, tail = b'{"errcode": 0, "code": "226009850808", "pad": "', b'"}'
+    return head + b" " * (size - len(head) - len(tail)) + tail
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_reply_longer_than_the_cap_is_refused(
+    fake_weixin: FakeWeixin, weixin_client: WeixinClient, chunked: bool,
+) -> None:
+    """Past MAX_REPLY_BYTES a reply is not read on (with or without a Content-Length): bad response, and the
+    next call, on a new connection, works."""
+    added = fake_weixin.add_card("pCardHuge", "oUser")
+    weixin_client.get_access_token()
+    fake_weixin.inject_fault("/card/code/decrypt", raw=_padded_reply(weixin_api.MAX_REPLY_BYTES + 1), chunked=chunked)
+    with pytest.raises(WeixinAPIError) as caught:
+        weixin_client.decrypt_code(added["encrypt_code"])
+    assert caught.value.errcode == ERRCODE_BAD_RESPONSE and "longer than" in caught.value.errmsg
+    assert weixin_client.decrypt_code(added["encrypt_code"]) == added["code"]
+    assert fake_weixin.calls("/card/code/decrypt") == 2
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_reply_of_exactly_the_cap_is_read(fake_weixin: FakeWeixin, weixin_client: WeixinClient, chunked: bool) -> None:
+    """The cap is inclusive: MAX_REPLY_BYTES of valid JSON is an answer."""
+    weixin_client.get_access_token()
+    fake_weixin.inject_fault("/card/code/decrypt", raw=_padded_reply(weixin_api.MAX_REPLY_BYTES), chunked=chunked)
+    assert weixin_client.decrypt_code("anything") == "226009850808"
+
+
+def test_a_compressed_reply_is_not_expanded(fake_weixin: FakeWeixin, weixin_client: WeixinClient) -> None:
+    """The client asks for no compression; a gzip reply anyway (a few KiB that inflate past the cap) is
+    refused as unreadable instead of inflated in memory."""
+    weixin_client.get_access_token()
+    bomb = gzip.compress(_padded_reply(weixin_api.MAX_REPLY_BYTES * 4))
+    fake_weixin.inject_fault("/card/code/decrypt", raw=bomb, content_encoding="gzip")
+    with pytest.raises(WeixinAPIError) as caught:
+        weixin_client.decrypt_code("anything")
+    assert caught.value.errcode == ERRCODE_BAD_RESPONSE
 
 
 # -- credentials ------------------------------------------------------------------------------------------------

@@ -11,11 +11,11 @@ Every HTTP call has a timeout; calls that change state on Weixin's side are
 never retried once the request may have been sent.
 Nothing secret is logged or put into an exception message: log lines carry the
 API path and the errcode only.
-A reply is trusted as little as a request from the Internet: it must be
-strict UTF-8 JSON (no NaN, no duplicate keys, no lone surrogates, shallow),
-and the fields callers read must have Weixin's types; anything else is
-WeixinAPIError(ERRCODE_BAD_RESPONSE), never a parser's exception or a value
-that breaks a caller later.
+A reply is trusted as little as a request from the Internet: at most
+MAX_REPLY_BYTES of it are read, it must be strict UTF-8 JSON (no NaN, no
+duplicate keys, no lone surrogates, shallow), and the fields callers read must
+have Weixin's types; anything else is WeixinAPIError(ERRCODE_BAD_RESPONSE),
+never a parser's exception or a value that breaks a caller later.
 """
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ DEFAULT_KEY_PREFIX = "wxcoupon:weixin"  # Redis keys: <prefix>:<appid>:...
 TOKEN_EXPIRY_MARGIN = 300  # cache a credential this much shorter than expires_in
 LOCAL_CACHE_SECONDS = 10.0  # a client reuses a credential read from Redis this long at most
 DEFAULT_EXPIRES_IN = 7200  # what Weixin grants when a reply omits expires_in
+MAX_REPLY_BYTES = 4 * 1024 * 1024  # read no more of a reply (Weixin's are a few KiB): a worker's memory is bounded
 MAX_REPLY_DEPTH = 32  # nesting of a reply (Weixin's go 4 deep); callers and the JSON encoder recurse on it
 MAX_ID_CHARS = 128  # codes, openids, card ids, statuses (Weixin's are far shorter); callers store and key on them
 MAX_TEXT_CHARS = 2048  # access_token, ticket, url (Weixin reserves 512 for a token); they go into URLs and Redis
@@ -71,7 +72,7 @@ MAX_ERRMSG_CHARS = 300  # of Weixin's errmsg kept in an error (it is stored and 
 ERRCODE_NETWORK = -1001  # connection failed or was lost
 ERRCODE_TIMEOUT = -1002  # no reply within the timeout
 ERRCODE_HTTP = -1003  # HTTP status other than 200
-ERRCODE_BAD_RESPONSE = -1004  # reply unusable: not strict JSON, not an object, a field missing or malformed
+ERRCODE_BAD_RESPONSE = -1004  # reply unusable: too long, not strict JSON, not an object, a field missing or malformed
 ERRCODE_LOCK = -1005  # another process holds the refresh lock for too long
 # Besides 5xx: statuses with which a server or proxy turns a request away
 # without acting on it (timed out reading it; rate limited), as safe to retry.
@@ -493,13 +494,13 @@ class WeixinClient:
         token: str | None,
         idempotent: bool,
     ) -> dict[str, Any]:
-        """One HTTP exchange mapped to a dict or a typed error. Raises `from None`:
-        urllib3's messages quote the URL, and the URL carries the access_token."""
+        """One HTTP exchange mapped to a dict or a typed error."""
         query = dict(params or {})
         if token is not None:
             query["access_token"] = token
         data = None
-        headers = {}
+        # identity: a compressed reply could expand far past MAX_REPLY_BYTES (and is refused as unreadable).
+        headers = {"Accept-Encoding": "identity"}
         if body is not None:
             # Weixin stores \\uXXXX escapes literally: send UTF-8 as is.
             data = json.dumps(body, ensure_ascii=False).encode("utf-8")
@@ -507,38 +508,16 @@ class WeixinClient:
         url = f"{self.api_base}/{path}"
         if query:
             url = f"{url}?{urlencode(query)}"
-        try:
-            response = self._http.request(
-                method, url, body=data, headers=headers, timeout=self._timeout, retries=False, redirect=False,
-            )
-        except NewConnectionError:  # refused, unresolvable, unreachable (before the timeout check: a subclass)
-            raise TransientWeixinError(ERRCODE_NETWORK, "connection failed (request not sent)", path) from None
-        except ConnectTimeoutError:
-            raise TransientWeixinError(ERRCODE_NETWORK, "connect timed out (request not sent)", path) from None
-        except ReadTimeoutError:
-            if idempotent:
-                raise TransientWeixinError(ERRCODE_TIMEOUT, "read timed out", path) from None
-            raise AmbiguousTimeoutError(ERRCODE_TIMEOUT, "read timed out after sending; outcome unknown", path) from None
-        except SSLError:
-            # The TLS handshake comes before the request: nothing was sent.
-            raise TransientWeixinError(ERRCODE_NETWORK, "TLS handshake failed (request not sent)", path) from None
-        except (ProtocolError, ProxyError, OSError) as exc:
-            if isinstance(exc, ProxyError) and isinstance(exc.original_error, (NewConnectionError, ConnectTimeoutError)):
-                # The proxy refused, unresolvable or unreachable, or not connected in time: nothing was sent.
-                raise TransientWeixinError(ERRCODE_NETWORK, "connection failed (request not sent)", path) from None
-            if idempotent:
-                raise TransientWeixinError(ERRCODE_NETWORK, "connection lost", path) from None
-            raise AmbiguousTimeoutError(ERRCODE_NETWORK, "connection lost after sending; outcome unknown", path) from None
-        except HTTPError as exc:
-            raise WeixinAPIError(ERRCODE_NETWORK, f"request failed ({type(exc).__name__})", path) from None
-        status = response.status
+        status, raw = self._exchange(method, url, data, headers, path, idempotent)
         if status == 504 and not idempotent:
             raise AmbiguousTimeoutError(ERRCODE_HTTP, "HTTP 504 after sending; outcome unknown", path)
         if status >= 500 or status in _REFUSED_UNREAD:
             raise TransientWeixinError(ERRCODE_HTTP, f"HTTP {status}", path)
         if status != 200:
             raise WeixinAPIError(ERRCODE_HTTP, f"HTTP {status}", path)
-        reply = _parse_reply(response.data, path)
+        if raw is None:
+            raise _bad_reply(f"reply is longer than {MAX_REPLY_BYTES} bytes", path)
+        reply = _parse_reply(raw, path)
         errcode = reply.get("errcode", 0)  # absent in a successful cgi-bin/token reply
         # type(): bool is an int. Our own codes would pass for a failure that never reached Weixin; an errcode
         # past 32 bits does not fit the column callers store it in. (null and "" once read as 0: success.)
@@ -549,6 +528,40 @@ class WeixinClient:
             raise error_for(errcode, self._errmsg(reply.get("errmsg"), token), path)
         log.debug("weixin %s ok", path)
         return reply
+
+    def _exchange(
+        self, method: str, url: str, data: bytes | None, headers: dict[str, str], path: str, idempotent: bool,
+    ) -> tuple[int, bytes | None]:
+        """Send one request; its status and body (None: longer than MAX_REPLY_BYTES). Raises `from None`:
+        urllib3's messages quote the URL, and the URL carries the access_token."""
+        try:
+            response = self._http.request(
+                method, url, body=data, headers=headers, timeout=self._timeout, retries=False, redirect=False,
+                preload_content=False, decode_content=False,
+            )
+        except NewConnectionError:  # refused, unresolvable, unreachable (before the timeout check: a subclass)
+            raise TransientWeixinError(ERRCODE_NETWORK, "connection failed (request not sent)", path) from None
+        except ConnectTimeoutError:
+            raise TransientWeixinError(ERRCODE_NETWORK, "connect timed out (request not sent)", path) from None
+        except ReadTimeoutError:
+            raise _unanswered(ERRCODE_TIMEOUT, "read timed out", path, idempotent) from None
+        except SSLError:
+            # The TLS handshake comes before the request: nothing was sent.
+            raise TransientWeixinError(ERRCODE_NETWORK, "TLS handshake failed (request not sent)", path) from None
+        except (ProtocolError, ProxyError, OSError) as exc:
+            if isinstance(exc, ProxyError) and isinstance(exc.original_error, (NewConnectionError, ConnectTimeoutError)):
+                # The proxy refused, unresolvable or unreachable, or not connected in time: nothing was sent.
+                raise TransientWeixinError(ERRCODE_NETWORK, "connection failed (request not sent)", path) from None
+            raise _unanswered(ERRCODE_NETWORK, "connection lost", path, idempotent) from None
+        except HTTPError as exc:
+            raise WeixinAPIError(ERRCODE_NETWORK, f"request failed ({type(exc).__name__})", path) from None
+        try:
+            return response.status, _read_capped(response)
+        except ReadTimeoutError:
+            raise _unanswered(ERRCODE_TIMEOUT, "read timed out", path, idempotent) from None
+        except (HTTPError, OSError):
+            # Cut off inside the reply (a TLS error here is no handshake's): the request was sent.
+            raise _unanswered(ERRCODE_NETWORK, "connection lost", path, idempotent) from None
 
     def _errmsg(self, value: Any, token: str | None) -> str:
         """errmsg as Weixin wrote it, minus anything secret, kept short, as text any column can hold.
@@ -574,6 +587,29 @@ def _bad_reply(reason: str, path: str) -> WeixinAPIError:
     """The error for a reply that cannot be used, logged: `reason` is ours, never the reply's text."""
     log.warning("weixin %s errcode=%d: %s", path, ERRCODE_BAD_RESPONSE, reason)
     return WeixinAPIError(ERRCODE_BAD_RESPONSE, reason, path)
+
+
+def _unanswered(errcode: int, what: str, path: str, idempotent: bool) -> WeixinAPIError:
+    """A request sent without a whole answer: retried only when it changes nothing."""
+    if idempotent:
+        return TransientWeixinError(errcode, what, path)
+    return AmbiguousTimeoutError(errcode, f"{what} after sending; outcome unknown", path)
+
+
+def _read_capped(response: urllib3.BaseHTTPResponse) -> bytes | None:
+    """The body, or None when it is longer than MAX_REPLY_BYTES; the connection goes back to the pool."""
+    try:
+        if response.length_remaining is None or response.length_remaining <= MAX_REPLY_BYTES:
+            raw = response.read(MAX_REPLY_BYTES + 1)
+            if response.length_remaining:  # fewer bytes than its Content-Length: cut off, as urllib3 says
+                response.close()
+                raise ProtocolError("reply shorter than its Content-Length")
+            if len(raw) <= MAX_REPLY_BYTES:
+                return raw
+        response.close()  # the rest may never end: drop the connection instead of draining it
+        return None
+    finally:
+        response.release_conn()
 
 
 class _UnusableJSONError(ValueError):
