@@ -782,6 +782,33 @@ def test_a_compressed_reply_is_not_expanded(fake_weixin: FakeWeixin, weixin_clie
 # -- credentials ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("expires_in", [
+    b"-5", b"0", b"86401", b"100000000000000000000", b"7200.5", b"7200.0", b'"7200"', b"true", b"null", b"[7200]",
+])
+def test_a_malformed_expires_in_is_bad_response(
+    fake_weixin: FakeWeixin, weixin_client: WeixinClient, redis_client: redis.Redis, expires_in: bytes,
+) -> None:
+    """expires_in must be whole seconds in 1..MAX_EXPIRES_IN: nothing else is cached (a token kept for a
+    second or forever, or a TTL Redis refuses); the refresh counts as an error."""
+    errors = _refreshes("error")
+    fake_weixin.inject_fault("/cgi-bin/stable_token", raw=b'{"access_token": "FAKESTABLE_x", "expires_in": '
+                             + expires_in + b"}")  # fmt: skip
+    with pytest.raises(WeixinAPIError) as caught:
+        weixin_client.get_access_token()
+    assert type(caught.value) is WeixinAPIError and caught.value.errcode == ERRCODE_BAD_RESPONSE
+    assert redis_client.get(weixin_client.access_token_key) is None
+    assert _refreshes("error") == errors + 1
+
+
+def test_a_missing_expires_in_is_weixins_default(
+    fake_weixin: FakeWeixin, weixin_client: WeixinClient, redis_client: redis.Redis,
+) -> None:
+    """A reply without expires_in gets Weixin's 7200 s (less the margin), as before."""
+    fake_weixin.inject_fault("/cgi-bin/stable_token", raw=b'{"access_token": "FAKESTABLE_noexpiry"}')
+    assert weixin_client.get_access_token() == "FAKESTABLE_noexpiry"
+    assert 7200 - 300 - 5 <= redis_client.ttl(weixin_client.access_token_key) <= 7200 - 300
+
+
 @pytest.mark.parametrize(("path", "raw"), [
     pytest.param("/cgi-bin/stable_token", b'{"access_token": "FAKE\\u0000STABLE", "expires_in": 7200}', id="token-NUL"),
     pytest.param("/cgi-bin/stable_token", b'{"access_token": "FAKE STABLE\\r\\nX: 1", "expires_in": 7200}',
@@ -794,6 +821,8 @@ def test_a_compressed_reply_is_not_expanded(fake_weixin: FakeWeixin, weixin_clie
     pytest.param("/cgi-bin/ticket/getticket", b'{"errcode": 0, "ticket": ["K1"], "expires_in": 7200}', id="ticket-list"),
     pytest.param("/cgi-bin/ticket/getticket", b'{"errcode": 0, "ticket": "K\\u00071", "expires_in": 7200}',
                  id="ticket-BEL"),
+    pytest.param("/cgi-bin/ticket/getticket", b'{"errcode": 0, "ticket": "K1", "expires_in": -1}',
+                 id="ticket-expires-in-negative"),
 ])
 def test_a_malformed_credential_is_bad_response(
     fake_weixin: FakeWeixin, weixin_client: WeixinClient, redis_client: redis.Redis, path: str, raw: bytes,

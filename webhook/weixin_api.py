@@ -61,6 +61,7 @@ DEFAULT_KEY_PREFIX = "wxcoupon:weixin"  # Redis keys: <prefix>:<appid>:...
 TOKEN_EXPIRY_MARGIN = 300  # cache a credential this much shorter than expires_in
 LOCAL_CACHE_SECONDS = 10.0  # a client reuses a credential read from Redis this long at most
 DEFAULT_EXPIRES_IN = 7200  # what Weixin grants when a reply omits expires_in
+MAX_EXPIRES_IN = 86400  # a credential said to live longer than a day (12x Weixin's grant) is a broken reply
 MAX_REPLY_BYTES = 4 * 1024 * 1024  # read no more of a reply (Weixin's are a few KiB): a worker's memory is bounded
 MAX_REPLY_DEPTH = 32  # nesting of a reply (Weixin's go 4 deep); callers and the JSON encoder recurse on it
 MAX_ID_CHARS = 128  # codes, openids, card ids, statuses (Weixin's are far shorter); callers store and key on them
@@ -287,12 +288,12 @@ class WeixinClient:
         else:
             path = "cgi-bin/token"
             data = self._call("GET", path, params=body, authenticated=False)
-        return self._field(data, "access_token", path, MAX_TEXT_CHARS), self._expires_in(data)
+        return self._field(data, "access_token", path, MAX_TEXT_CHARS), self._expires_in(data, path)
 
     def _fetch_card_ticket(self) -> tuple[str, int]:
         path = "cgi-bin/ticket/getticket"
         data = self._call("GET", path, params={"type": "wx_card"})
-        return self._field(data, "ticket", path, MAX_TEXT_CHARS), self._expires_in(data)
+        return self._field(data, "ticket", path, MAX_TEXT_CHARS), self._expires_in(data, path)
 
     def _cached(self, key: str, fetch: Callable[[], tuple[str, int]], failed: str | None = None) -> str:
         """A credential from this client's short-lived copy, else Redis, refreshing it under the lock when needed.
@@ -356,11 +357,13 @@ class WeixinClient:
             self._local[key] = (value, time.monotonic() + min(LOCAL_CACHE_SECONDS, ttl_ms / 1000))
 
     @staticmethod
-    def _expires_in(data: Mapping[str, Any]) -> int:
-        try:
-            return max(1, int(data.get("expires_in", DEFAULT_EXPIRES_IN)))
-        except (TypeError, ValueError):
-            return DEFAULT_EXPIRES_IN
+    def _expires_in(data: Mapping[str, Any], path: str) -> int:
+        """Seconds the credential lives: Weixin's grant when the reply omits it. Zero or less, a float, a
+        string or past MAX_EXPIRES_IN is a broken reply (cached forever, or a TTL Redis refuses)."""
+        value = data.get("expires_in", DEFAULT_EXPIRES_IN)
+        if type(value) is not int or not 1 <= value <= MAX_EXPIRES_IN:  # type(): bool is an int too
+            raise _bad_reply("reply has a malformed expires_in", path)
+        return value
 
     @staticmethod
     def _field(data: Mapping[str, Any], name: str, path: str, max_chars: int = MAX_ID_CHARS) -> str:
