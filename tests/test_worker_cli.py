@@ -107,3 +107,26 @@ def test_redis_that_does_not_answer_is_one_line_naming_redis_url(settings: Setti
     result = CliRunner().invoke(main, ["workers"], env=env)
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert "redis unreachable (REDIS_URL)" in result.output
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"\xff\xfe{\x00}\x00", "not UTF-8"),  # UTF-16, as some editors save
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+])  # fmt: skip
+def test_cards_validate_a_file_that_is_no_utf8_json_document_is_one_line(
+    tmp_path: Any, content: bytes, message: str
+) -> None:
+    """It was a UnicodeDecodeError or RecursionError traceback; now the file's problem, exit 1."""
+    path = tmp_path / "card.json"
+    path.write_bytes(content)
+    result = CliRunner().invoke(main, ["cards", "validate", "--kind", "card", "--file", str(path)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert message in result.output
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan"])
+def test_simulate_timeout_must_be_a_positive_number(settings: Settings, cli_env: dict[str, str], timeout: str) -> None:
+    """A timeout requests cannot use was a ValueError traceback after building the push; now a usage error."""
+    result = CliRunner().invoke(main, ["simulate", "user_get_card", "--url", "http://127.0.0.1:9/wechat",
+                                       "--timeout", timeout], env=cli_env)  # fmt: skip
+    assert result.exit_code == 2 and "Invalid value for '--timeout'" in result.output, result.output

@@ -26,6 +26,10 @@ def _load(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise click.ClickException(f"{path}: not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except UnicodeDecodeError as exc:
+        raise click.ClickException(f"{path}: not UTF-8 (byte {exc.start}); save it as UTF-8") from None
+    except RecursionError:
+        raise click.ClickException(f"{path}: nested too deeply to be a card document") from None
     except OSError as exc:
         raise click.ClickException(f"{path}: {exc.strerror or exc}") from None
 
