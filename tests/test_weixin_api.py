@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import socket
 import subprocess
@@ -834,3 +835,51 @@ def test_a_malformed_credential_is_bad_response(
     assert caught.value.errcode == ERRCODE_BAD_RESPONSE
     assert redis_client.get(weixin_client.access_token_key) is None or path.endswith("getticket")
     assert redis_client.get(weixin_client.card_ticket_key) is None
+
+
+# -- the fields callers use ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields", [
+    b'"openid": 5', b'"openid": "o\\u0000x"', b'"openid": {"id": "o"}', b'"user_card_status": ["NORMAL"]',
+    b'"membership_number": 316510891298', b'"membership_number": {}', b'"nickname": 5', b'"sex": ["MALE"]',
+    b'"bonus": 1e300', b'"bonus": 9223372036854775808', b'"bonus": "460"', b'"bonus": true', b'"balance": 1.5',
+    b'"user_info": []', b'"user_info": {"common_field_list": 5}', b'"user_info": {"common_field_list": true}',
+    b'"user_info": {"custom_field_list": [1]}', b'"user_info": {"common_field_list": [{"value": "x"}]}',
+])
+def test_card_code_get_fields_have_weixins_types(
+    fake_weixin: FakeWeixin, weixin_client: WeixinClient, fields: bytes,
+) -> None:
+    """The fields the workers read and store (openid, status, membership, bonus, balance, user_info) are
+    checked: a wrong type is a bad response, not a crash or a wrong row in the worker."""
+    weixin_client.get_access_token()
+    fake_weixin.inject_fault("/card/code/get", raw=b'{"errcode": 0, ' + fields + b"}")
+    with pytest.raises(WeixinAPIError) as caught:
+        weixin_client.get_code("226009850808")
+    assert caught.value.errcode == ERRCODE_BAD_RESPONSE
+
+
+def test_card_code_get_takes_weixins_own_reply(fake_weixin: FakeWeixin, weixin_client: WeixinClient) -> None:
+    """The documented member-card reply, nulls and unknown fields included, passes the checks unchanged."""
+    weixin_client.get_access_token()
+    raw = ('{"errcode": 0, "errmsg": "ok", "openid": "obLatjjwDxxxxdoGIdwNqRXw", "nickname": "Fourier",'
+           ' "membership_number": "316510891298", "bonus": 460, "balance": null, "sex": "MALE",'
+           ' "user_info": {"common_field_list": [{"name": "USER_FORM_INFO_FLAG_MOBILE", "value": "1552xxxx8888"}],'
+           ' "custom_field_list": [{"name": "爱好", "value_list": ["a", "b"]}]},'
+           ' "user_card_status": "NORMAL", "has_active": true, "new_field": {"x": [1.5, "😀", "\\ud83d\\ude00"]}}')
+    fake_weixin.inject_fault("/card/code/get", raw=raw)
+    assert weixin_client.get_code("316510891298") == json.loads(raw)
+
+
+@pytest.mark.parametrize("info", [
+    b"", b'"info": null,', b'"info": "x",', b'"info": [],', b'"info": {"common_field_list": {}},',
+    b'"info": {"custom_field_list": [{"value_list": ["x"]}]},', b'"info": {"common_field_list": ["x"]},',
+])
+def test_activate_temp_info_needs_a_form(fake_weixin: FakeWeixin, weixin_client: WeixinClient, info: bytes) -> None:
+    """activatetempinfo/get without a well-formed info is a bad response: the worker would have activated the
+    card with an empty form."""
+    weixin_client.get_access_token()
+    fake_weixin.inject_fault("/card/membercard/activatetempinfo/get", raw=b'{' + info + b'"errcode": 0}')
+    with pytest.raises(WeixinAPIError) as caught:
+        weixin_client.get_activate_temp_info("ticket")
+    assert caught.value.errcode == ERRCODE_BAD_RESPONSE

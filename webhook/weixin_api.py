@@ -394,14 +394,21 @@ class WeixinClient:
         body: dict[str, Any] = {"code": code, "check_consume": check_consume}
         if card_id is not None:
             body["card_id"] = card_id
-        return self._call("POST", "card/code/get", body)
+        data = self._call("POST", "card/code/get", body)
+        _check_fields(data, _CODE_FIELDS, "card/code/get")
+        return data
 
     def get_activate_temp_info(self, activate_ticket: str) -> dict[str, Any]:
         """The form a user submitted in the activation plug-in; the reply's `info` holds the fields.
 
         https://developers.weixin.qq.com/doc/offiaccount/Cards_and_Offer/Membership_Cards/Create_a_membership_card.html
         """
-        return self._call("POST", "card/membercard/activatetempinfo/get", {"activate_ticket": activate_ticket})
+        path = "card/membercard/activatetempinfo/get"
+        data = self._call("POST", path, {"activate_ticket": activate_ticket})
+        if data.get("info") is None:
+            raise _bad_reply("reply has no info", path)
+        _check_fields(data, {"info": _is_form}, path)
+        return data
 
     def activate_member_card(self, **fields: Any) -> dict[str, Any]:
         """Activate a member card (membership_number and code required). Not retried once sent.
@@ -678,3 +685,43 @@ def _is_text(value: Any, max_chars: int) -> bool:
     """A string a column, a Redis key, a URL or a log line can hold."""
     return isinstance(value, str) and len(value) <= max_chars and not _CONTROL.search(value)
 
+
+def _is_id(value: Any) -> bool:
+    return _is_text(value, MAX_ID_CHARS)
+
+
+def _is_int64(value: Any) -> bool:
+    return type(value) is int and -(2**63) <= value < 2**63  # the BIGINT columns bonus and balance
+
+
+def _is_form(value: Any) -> bool:
+    """{common_field_list, custom_field_list}: lists of {name, ...} objects, as member data is kept."""
+    if not isinstance(value, dict):
+        return False
+    for name in ("common_field_list", "custom_field_list"):
+        items = value.get(name)
+        if items is not None and not (
+            isinstance(items, list) and all(isinstance(i, dict) and isinstance(i.get("name"), str) for i in items)
+        ):
+            return False
+    return True
+
+
+# card/code/get: the fields the workers read and store, each with its check when present (null: absent).
+_CODE_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "openid": _is_id,
+    "user_card_status": _is_id,
+    "membership_number": _is_id,
+    "nickname": lambda value: isinstance(value, str),
+    "sex": lambda value: isinstance(value, str),
+    "bonus": _is_int64,
+    "balance": _is_int64,
+    "user_info": _is_form,
+}
+
+
+def _check_fields(data: Mapping[str, Any], checks: Mapping[str, Callable[[Any], bool]], path: str) -> None:
+    for name, check in checks.items():
+        value = data.get(name)
+        if value is not None and not check(value):
+            raise _bad_reply(f"reply has a malformed {name}", path)
