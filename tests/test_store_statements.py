@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -10,7 +11,9 @@ import webhook.cardstore  # noqa: F401  (registers its tables)
 import webhook.members  # noqa: F401  (likewise)
 from webhook import schema
 from webhook.cardstore import cards
-from webhook.store import among, insert_rows, pairs_among, utcnow
+from webhook.store import among, insert_rows, make_engine, pairs_among, utcnow
+
+from .conftest import make_settings
 
 
 @pytest.fixture
@@ -106,3 +109,19 @@ def test_update_rows_sets_each_rows_values_and_nothing_else(engine: sa.Engine, c
             assert (row.status, row.status_time, row.oa_openid) == ("deleted", 1700000000 + int(code), None)
         else:
             assert (row.status, row.status_time, row.oa_openid) == ("received", None, f"o{code}")
+
+
+def test_database_errors_carry_no_parameter_values(tmp_path: Path, database_url: str) -> None:
+    """An error of the product's engine names the statement, never its values: RQ logs and keeps in Redis
+    the exception of a job that fails, and a batch's parameters are card codes and openids."""
+    settings = make_settings(tmp_path, database_url, None)
+    engine = make_engine(settings)
+    schema.upgrade(engine)
+    try:
+        with pytest.raises(sa.exc.StatementError) as caught:
+            with engine.begin() as conn:
+                for _ in range(2):  # the second breaks the unique key
+                    conn.execute(sa.insert(cards), [_card("pA", "secret-code-0001", oa_openid="oSecretOpenid")])
+        assert "oSecretOpenid" not in str(caught.value) and "oSecretOpenid" not in repr(caught.value)
+    finally:
+        engine.dispose()
