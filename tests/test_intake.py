@@ -14,7 +14,7 @@ from webhook.crypto import encrypt
 from webhook.envelope import seal_push
 from webhook.events import CARD_EVENTS, sample_fields
 from webhook.signature import sign
-from webhook.store import events, make_engine
+from webhook.store import events, list_events, make_engine
 
 from .pushes import make_push
 
@@ -111,6 +111,16 @@ def test_text_message_is_stored_and_deduped_by_msgid(client: Any, settings: Sett
     assert post(client, query, body).status_code == 200
     [row] = rows(settings)
     assert row["msg_type"] == "text" and row["event"] is None
+    # `events list --event text` finds it, as `replay --event text` does (the listing shows the MsgType
+    # where there is no Event)
+    assert post(client, *make_push(settings, "user_get_card")).status_code == 200
+    engine = make_engine(settings)
+    try:
+        with engine.connect() as conn:
+            assert [r["msg_type"] for r in list_events(conn, event="text")] == ["text"]
+            assert [r["event"] for r in list_events(conn, event="user_get_card")] == ["user_get_card"]
+    finally:
+        engine.dispose()
 
 
 def test_url_verification_echoes_echostr(tmp_path: Any, sqlite_url: str) -> None:

@@ -31,6 +31,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    or_,
     select,
     tuple_,
     update,
@@ -444,10 +445,10 @@ def list_events(
     since: dt.datetime | None = None,
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Events matching the filters, oldest first."""
+    """Events matching the filters, oldest first; `event` is an Event, or a MsgType for messages."""
     stmt = select(events).order_by(events.c.id)
     if event:
-        stmt = stmt.where(events.c.event == event)
+        stmt = stmt.where(or_(events.c.event == event, events.c.msg_type == event))
     if status:
         stmt = stmt.where(events.c.status == status)
     if since is not None:

@@ -58,7 +58,7 @@ def events() -> None:
 
 
 @events.command("list")
-@click.option("--event", "event_type", help="Only this Event (e.g. user_get_card).")
+@click.option("--event", "event_type", help="Only this Event (e.g. user_get_card), or MsgType of a message (e.g. text).")
 @click.option("--status", type=click.Choice([s.value for s in EventStatus]), help="Only this status.")
 @click.option("--since", callback=since_option, help="Received at or after: ISO time or age (15m, 2h, 7d).")
 @click.option("--limit", type=click.IntRange(min=1, max=ROW_ID_MAX), default=None, help="At most this many.")
