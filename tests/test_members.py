@@ -284,3 +284,13 @@ def test_dev_account_carries_a_data_key_and_old_ones_get_one(tmp_path: Path, mon
     old.write_text("WECHAT_TOKEN=abcdef\n")
     assert add_missing_data_key(old) is True and add_missing_data_key(old) is False
     assert old.read_text().count("WXCOUPON_DATA_KEY=") == 1
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), 2**63, -(2**63) - 1, True, "x", None, ""])
+def test_int_or_none_takes_only_what_a_bigint_column_holds(value: Any) -> None:
+    """Bonus and balance from a Weixin reply: anything that is no integer a BIGINT column holds is None,
+    never an exception (an infinite float raised OverflowError)."""
+    from workers.member_info import int_or_none
+
+    assert int_or_none(value) is None
+    assert int_or_none(2**63 - 1) == 2**63 - 1 and int_or_none("-5") == -5

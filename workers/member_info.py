@@ -38,12 +38,13 @@ def member_data(info: Any, answer: dict[str, Any] | None = None) -> dict[str, An
 
 def int_or_none(value: Any) -> int | None:
     """An integer from Weixin's answer, or None when absent or malformed."""
-    if isinstance(value, bool):
+    if isinstance(value, bool) or value is None or value == "":
         return None
     try:
-        return int(value) if value is not None and value != "" else None
-    except (TypeError, ValueError):
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite float
         return None
+    return number if -(2**63) <= number < 2**63 else None  # what a BIGINT column holds
 
 
 def fetch_member_info(ctx: WorkerContext, event: Row) -> dict[str, Any] | None:
