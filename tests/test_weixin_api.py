@@ -33,7 +33,6 @@ from webhook.weixin_api import (
     TransientWeixinError,
     WeixinAPIError,
     WeixinClient,
-    error_for,
 )
 
 MEMBER_CARD = {
@@ -145,19 +144,6 @@ def test_expired_activate_ticket_is_ticket_expired(fake_weixin: FakeWeixin, weix
     with pytest.raises(TicketExpiredError) as caught:
         weixin_client.get_activate_temp_info(extra["activate_ticket"])
     assert caught.value.errcode == 72012
-
-
-def test_error_classes_by_errcode() -> None:
-    """Each behaviour-changing errcode has its class; others are plain WeixinAPIError."""
-    assert type(error_for(-1, "busy")) is TransientWeixinError
-    assert all(type(error_for(c, "")) is TokenError for c in (40001, 40014, 42001))
-    assert type(error_for(45009, "")) is QuotaError
-    assert all(type(error_for(c, "")) is InvalidCodeError for c in (40056, 40116))
-    assert type(error_for(40099, "")) is CodeConsumedError
-    assert type(error_for(40127, "")) is CardUnavailableError
-    assert type(error_for(72012, "")) is TicketExpiredError
-    assert type(error_for(40080, "invalid card ext")) is WeixinAPIError
-    assert str(error_for(45009, "quota", "card/code/get")) == "card/code/get: errcode 45009: quota"
 
 
 # -- tokens and tickets: cached, shared, refreshed once -------------------------------

@@ -12,20 +12,18 @@ never retried once the request may have been sent.
 Nothing secret is logged or put into an exception message: log lines carry the
 API path and the errcode only.
 A reply is trusted as little as a request from the Internet: at most
-MAX_REPLY_BYTES of it are read, it must be strict UTF-8 JSON (no NaN, no
-duplicate keys, no lone surrogates, shallow), and the fields callers read must
-have Weixin's types; anything else is WeixinAPIError(ERRCODE_BAD_RESPONSE),
-never a parser's exception or a value that breaks a caller later.
+MAX_REPLY_BYTES of it are read, and webhook.weixin_reply checks the rest (strict
+JSON, errcode, errmsg, the fields callers read); anything unusable is
+WeixinAPIError(ERRCODE_BAD_RESPONSE). The typed errors and ERRCODE_* constants
+are defined there and re-exported here, where callers import them from.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
-import math
 import os
 import random
-import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
@@ -49,6 +47,38 @@ from urllib3.exceptions import (
 from webhook import metrics
 from webhook.config import ConfigError, Settings
 
+# Re-exported: callers import the errors, the errcodes and the limits from here.
+from webhook.weixin_reply import (
+    DEFAULT_EXPIRES_IN,
+    ERRCODE_BAD_RESPONSE,
+    ERRCODE_HTTP,
+    ERRCODE_LOCK,
+    ERRCODE_NETWORK,
+    ERRCODE_TIMEOUT,
+    MAX_ERRMSG_CHARS,
+    MAX_EXPIRES_IN,
+    MAX_ID_CHARS,
+    MAX_REPLY_DEPTH,
+    MAX_TEXT_CHARS,
+    CardUnavailableError,
+    CodeConsumedError,
+    InvalidCodeError,
+    QuotaError,
+    TicketExpiredError,
+    TokenError,
+    TransientWeixinError,
+    WeixinAPIError,
+    bad_reply,
+    check_activate_temp_info_reply,
+    check_code_reply,
+    error_for,
+    parse_reply,
+    reply_errcode,
+    reply_errmsg,
+    reply_expires_in,
+    reply_text,
+)
+
 log = logging.getLogger(__name__)
 
 # Defaults, one place.
@@ -60,21 +90,8 @@ POOL_SIZE = 10  # kept-alive connections per host (a worker runs a few calls at 
 DEFAULT_KEY_PREFIX = "wxcoupon:weixin"  # Redis keys: <prefix>:<appid>:...
 TOKEN_EXPIRY_MARGIN = 300  # cache a credential this much shorter than expires_in
 LOCAL_CACHE_SECONDS = 10.0  # a client reuses a credential read from Redis this long at most
-DEFAULT_EXPIRES_IN = 7200  # what Weixin grants when a reply omits expires_in
-MAX_EXPIRES_IN = 86400  # a credential said to live longer than a day (12x Weixin's grant) is a broken reply
 MAX_REPLY_BYTES = 4 * 1024 * 1024  # read no more of a reply (Weixin's are a few KiB): a worker's memory is bounded
-MAX_REPLY_DEPTH = 32  # nesting of a reply (Weixin's go 4 deep); callers and the JSON encoder recurse on it
-MAX_ID_CHARS = 128  # codes, openids, card ids, statuses (Weixin's are far shorter); callers store and key on them
-MAX_TEXT_CHARS = 2048  # access_token, ticket, url (Weixin reserves 512 for a token); they go into URLs and Redis
-MAX_ERRMSG_CHARS = 300  # of Weixin's errmsg kept in an error (it is stored and shown to the Mini Program)
 
-# errcodes this client makes up for failures that have no Weixin errcode.
-# Weixin's own codes are -1, 0 and positive, so these never collide.
-ERRCODE_NETWORK = -1001  # connection failed or was lost
-ERRCODE_TIMEOUT = -1002  # no reply within the timeout
-ERRCODE_HTTP = -1003  # HTTP status other than 200
-ERRCODE_BAD_RESPONSE = -1004  # reply unusable: too long, not strict JSON, not an object, a field missing or malformed
-ERRCODE_LOCK = -1005  # another process holds the refresh lock for too long
 # Besides 5xx: statuses with which a server or proxy turns a request away
 # without acting on it (timed out reading it; rate limited), as safe to retry.
 _REFUSED_UNREAD = frozenset({408, 429})
@@ -82,69 +99,8 @@ _REFUSED_UNREAD = frozenset({408, 429})
 TokenEndpoint = Literal["stable_token", "token"]
 
 
-class WeixinAPIError(Exception):
-    """A Weixin API call failed; `errcode`/`errmsg` say why, never a secret."""
-
-    def __init__(self, errcode: int, errmsg: str, path: str = "") -> None:
-        super().__init__(errcode, errmsg, path)
-        self.errcode = errcode
-        self.errmsg = errmsg
-        self.path = path
-
-    def __str__(self) -> str:
-        where = f"{self.path}: " if self.path else ""
-        return f"{where}errcode {self.errcode}: {self.errmsg}"
-
-
-class TransientWeixinError(WeixinAPIError):
-    """Worth retrying later: -1 system busy, HTTP 5xx, 408 or 429, network failure before sending."""
-
-
-class TokenError(WeixinAPIError):
-    """The access_token was refused (40001 not latest, 40014 invalid, 42001 expired)."""
-
-
-class QuotaError(WeixinAPIError):
-    """45009: the daily quota of this API is used up; retrying only makes it worse."""
-
-
-class InvalidCodeError(WeixinAPIError):
-    """40056/40116: Weixin does not know this code (or encrypt_code)."""
-
-
-class CodeConsumedError(WeixinAPIError):
-    """40099: the code has already been consumed."""
-
-
-class CardUnavailableError(WeixinAPIError):
-    """40127: the user deleted the card or is gifting it."""
-
-
-class TicketExpiredError(WeixinAPIError):
-    """72012: the activate_ticket has expired."""
-
-
 class AmbiguousTimeoutError(WeixinAPIError):
     """A call that changes state was sent but got no answer: it may have been applied."""
-
-
-_ERRORS_BY_CODE: dict[int, type[WeixinAPIError]] = {
-    -1: TransientWeixinError,
-    40001: TokenError,
-    40014: TokenError,
-    42001: TokenError,
-    45009: QuotaError,
-    40056: InvalidCodeError,
-    40116: InvalidCodeError,
-    40099: CodeConsumedError,
-    40127: CardUnavailableError,
-    72012: TicketExpiredError,
-}
-
-
-def error_for(errcode: int, errmsg: str, path: str = "") -> WeixinAPIError:
-    """The typed error for a Weixin errcode (WeixinAPIError when it has no class)."""
-    return _ERRORS_BY_CODE.get(errcode, WeixinAPIError)(errcode, errmsg, path)
 
 
 # The metric's errcode label for this client's own codes (no errcode came back).
@@ -288,12 +244,12 @@ class WeixinClient:
         else:
             path = "cgi-bin/token"
             data = self._call("GET", path, params=body, authenticated=False)
-        return self._field(data, "access_token", path, MAX_TEXT_CHARS), self._expires_in(data, path)
+        return reply_text(data, "access_token", path, MAX_TEXT_CHARS), reply_expires_in(data, path)
 
     def _fetch_card_ticket(self) -> tuple[str, int]:
         path = "cgi-bin/ticket/getticket"
         data = self._call("GET", path, params={"type": "wx_card"})
-        return self._field(data, "ticket", path, MAX_TEXT_CHARS), self._expires_in(data, path)
+        return reply_text(data, "ticket", path, MAX_TEXT_CHARS), reply_expires_in(data, path)
 
     def _cached(self, key: str, fetch: Callable[[], tuple[str, int]], failed: str | None = None) -> str:
         """A credential from this client's short-lived copy, else Redis, refreshing it under the lock when needed.
@@ -356,24 +312,6 @@ class WeixinClient:
         if ttl_ms > 0:  # -1: no expiry set (put there by hand); -2: gone since the GET
             self._local[key] = (value, time.monotonic() + min(LOCAL_CACHE_SECONDS, ttl_ms / 1000))
 
-    @staticmethod
-    def _expires_in(data: Mapping[str, Any], path: str) -> int:
-        """Seconds the credential lives: Weixin's grant when the reply omits it. Zero or less, a float, a
-        string or past MAX_EXPIRES_IN is a broken reply (cached forever, or a TTL Redis refuses)."""
-        value = data.get("expires_in", DEFAULT_EXPIRES_IN)
-        if type(value) is not int or not 1 <= value <= MAX_EXPIRES_IN:  # type(): bool is an int too
-            raise _bad_reply("reply has a malformed expires_in", path)
-        return value
-
-    @staticmethod
-    def _field(data: Mapping[str, Any], name: str, path: str, max_chars: int = MAX_ID_CHARS) -> str:
-        value = data.get(name)
-        if not isinstance(value, str) or not value:
-            raise _bad_reply(f"reply has no {name}", path)
-        if not _is_text(value, max_chars):
-            raise _bad_reply(f"reply has a malformed {name}", path)
-        return value
-
     # -- the APIs -----------------------------------------------------------
 
     def decrypt_code(self, encrypt_code: str) -> str:
@@ -382,7 +320,7 @@ class WeixinClient:
         https://developers.weixin.qq.com/doc/offiaccount/Cards_and_Offer/Redeeming_a_coupon_voucher_or_card.html
         """
         data = self._call("POST", "card/code/decrypt", {"encrypt_code": encrypt_code})
-        return self._field(data, "code", "card/code/decrypt")
+        return reply_text(data, "code", "card/code/decrypt")
 
     def get_code(self, code: str, card_id: str | None = None, check_consume: bool = False) -> dict[str, Any]:
         """Holder, card and status of a code (`user_card_status`, `can_consume`, membership).
@@ -395,7 +333,7 @@ class WeixinClient:
         if card_id is not None:
             body["card_id"] = card_id
         data = self._call("POST", "card/code/get", body)
-        _check_fields(data, _CODE_FIELDS, "card/code/get")
+        check_code_reply(data, "card/code/get")
         return data
 
     def get_activate_temp_info(self, activate_ticket: str) -> dict[str, Any]:
@@ -405,9 +343,7 @@ class WeixinClient:
         """
         path = "card/membercard/activatetempinfo/get"
         data = self._call("POST", path, {"activate_ticket": activate_ticket})
-        if data.get("info") is None:
-            raise _bad_reply("reply has no info", path)
-        _check_fields(data, {"info": _is_form}, path)
+        check_activate_temp_info_reply(data, path)
         return data
 
     def activate_member_card(self, **fields: Any) -> dict[str, Any]:
@@ -429,7 +365,7 @@ class WeixinClient:
         if outer_str is not None:
             body["outer_str"] = outer_str
         data = self._call("POST", "card/membercard/activate/geturl", body)
-        return self._field(data, "url", "card/membercard/activate/geturl", MAX_TEXT_CHARS)
+        return reply_text(data, "url", "card/membercard/activate/geturl", MAX_TEXT_CHARS)
 
     def set_activate_user_form(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         """Set the fields of the activation form (card_id, required_form, optional_form...).
@@ -444,7 +380,7 @@ class WeixinClient:
         https://developers.weixin.qq.com/doc/offiaccount/Cards_and_Offer/Create_a_Coupon_Voucher_or_Card.html
         """
         data = self._call("POST", "card/create", {"card": dict(card)}, idempotent=False)
-        return self._field(data, "card_id", "card/create")
+        return reply_text(data, "card_id", "card/create")
 
     def update_card(self, card_id: str, patch: Mapping[str, Any]) -> dict[str, Any]:
         """Change a card: `patch` is `{<type>: {base_info: {...}, ...}}`; the reply has send_check.
@@ -526,16 +462,12 @@ class WeixinClient:
         if status != 200:
             raise WeixinAPIError(ERRCODE_HTTP, f"HTTP {status}", path)
         if raw is None:
-            raise _bad_reply(f"reply is longer than {MAX_REPLY_BYTES} bytes", path)
-        reply = _parse_reply(raw, path)
-        errcode = reply.get("errcode", 0)  # absent in a successful cgi-bin/token reply
-        # type(): bool is an int. Our own codes would pass for a failure that never reached Weixin; an errcode
-        # past 32 bits does not fit the column callers store it in. (null and "" once read as 0: success.)
-        if type(errcode) is not int or not -(2**31) <= errcode < 2**31 or errcode in _METRIC_ERRCODES:
-            raise _bad_reply("reply has a malformed errcode", path)
+            raise bad_reply(f"reply is longer than {MAX_REPLY_BYTES} bytes", path)
+        reply = parse_reply(raw, path)
+        errcode = reply_errcode(reply, path)
         if errcode != 0:
             log.warning("weixin %s errcode=%d", path, errcode)
-            raise error_for(errcode, self._errmsg(reply.get("errmsg"), token), path)
+            raise error_for(errcode, reply_errmsg(reply.get("errmsg"), (self._appsecret, token)), path)
         log.debug("weixin %s ok", path)
         return reply
 
@@ -573,30 +505,8 @@ class WeixinClient:
             # Cut off inside the reply (a TLS error here is no handshake's): the request was sent.
             raise _unanswered(ERRCODE_NETWORK, "connection lost", path, idempotent) from None
 
-    def _errmsg(self, value: Any, token: str | None) -> str:
-        """errmsg as Weixin wrote it, minus anything secret, kept short, as text any column can hold.
 
-        It reaches the Mini Program (activation results): anything but a string
-        is not Weixin's message and could carry anything, so it is dropped.
-        """
-        if not isinstance(value, str):
-            return ""
-        for secret in (self._appsecret, token):
-            if secret:
-                value = value.replace(secret, "***")
-        return _CONTROL.sub(" ", value[:MAX_ERRMSG_CHARS])
-
-
-# -- replies ------------------------------------------------------------------------------
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # PostgreSQL text refuses NUL; the rest breaks lines and logs
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a lone one fits no UTF-8 column, Redis key or log
-
-
-def _bad_reply(reason: str, path: str) -> WeixinAPIError:
-    """The error for a reply that cannot be used, logged: `reason` is ours, never the reply's text."""
-    log.warning("weixin %s errcode=%d: %s", path, ERRCODE_BAD_RESPONSE, reason)
-    return WeixinAPIError(ERRCODE_BAD_RESPONSE, reason, path)
+# -- an exchange's outcome ------------------------------------------------------------------
 
 
 def _unanswered(errcode: int, what: str, path: str, idempotent: bool) -> WeixinAPIError:
@@ -620,108 +530,3 @@ def _read_capped(response: urllib3.BaseHTTPResponse) -> bytes | None:
         return None
     finally:
         response.release_conn()
-
-
-class _UnusableJSONError(ValueError):
-    """JSON the standard parser takes but no caller can use; the message is ours, never the reply's."""
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e999 reads as inf, which no int() or column takes
-        raise _UnusableJSONError("a number out of range")
-    return value
-
-
-def _no_constant(name: str) -> Any:
-    raise _UnusableJSONError("NaN or Infinity")  # Python's extension of JSON
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):  # which one counts depends on the parser: the reply means nothing for sure
-        raise _UnusableJSONError("a duplicate key")
-    return obj
-
-
-_DECODER = json.JSONDecoder(parse_float=_finite, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
-
-
-def _parse_reply(raw: bytes, path: str) -> dict[str, Any]:
-    """A reply body as a JSON object every caller can use, or the bad-reply error."""
-    try:
-        # Strict UTF-8: json.loads of bytes would also take UTF-16 and UTF-8-encoded surrogates.
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise _bad_reply("reply is not UTF-8", path) from None
-    try:
-        reply = _DECODER.decode(text)
-    except _UnusableJSONError as exc:
-        raise _bad_reply(f"reply has {exc}", path) from None
-    except RecursionError:  # not a ValueError: it escaped the old `except ValueError`
-        raise _bad_reply("reply is nested too deep", path) from None
-    except ValueError:
-        raise _bad_reply("reply is not JSON", path) from None
-    if not isinstance(reply, dict):
-        raise _bad_reply("reply is not a JSON object", path)
-    level: list[Any] = [reply]
-    depth = 1
-    while level:  # level by level, not recursively: the parser may have nearly exhausted the stack
-        if depth > MAX_REPLY_DEPTH:
-            raise _bad_reply("reply is nested too deep", path)
-        level = [child for node in level for child in (node.values() if isinstance(node, dict) else node)
-                 if isinstance(child, (dict, list))]
-        depth += 1
-    # Strict UTF-8 bytes hold no surrogate: only a \uD800-\uDFFF escape makes one (a pair is a character).
-    if _SURROGATE_ESCAPE.search(text):
-        try:
-            json.dumps(reply, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise _bad_reply("reply has a lone surrogate", path) from None
-    return reply
-
-
-def _is_text(value: Any, max_chars: int) -> bool:
-    """A string a column, a Redis key, a URL or a log line can hold."""
-    return isinstance(value, str) and len(value) <= max_chars and not _CONTROL.search(value)
-
-
-def _is_id(value: Any) -> bool:
-    return _is_text(value, MAX_ID_CHARS)
-
-
-def _is_int64(value: Any) -> bool:
-    return type(value) is int and -(2**63) <= value < 2**63  # the BIGINT columns bonus and balance
-
-
-def _is_form(value: Any) -> bool:
-    """{common_field_list, custom_field_list}: lists of {name, ...} objects, as member data is kept."""
-    if not isinstance(value, dict):
-        return False
-    for name in ("common_field_list", "custom_field_list"):
-        items = value.get(name)
-        if items is not None and not (
-            isinstance(items, list) and all(isinstance(i, dict) and isinstance(i.get("name"), str) for i in items)
-        ):
-            return False
-    return True
-
-
-# card/code/get: the fields the workers read and store, each with its check when present (null: absent).
-_CODE_FIELDS: dict[str, Callable[[Any], bool]] = {
-    "openid": _is_id,
-    "user_card_status": _is_id,
-    "membership_number": _is_id,
-    "nickname": lambda value: isinstance(value, str),
-    "sex": lambda value: isinstance(value, str),
-    "bonus": _is_int64,
-    "balance": _is_int64,
-    "user_info": _is_form,
-}
-
-
-def _check_fields(data: Mapping[str, Any], checks: Mapping[str, Callable[[Any], bool]], path: str) -> None:
-    for name, check in checks.items():
-        value = data.get(name)
-        if value is not None and not check(value):
-            raise _bad_reply(f"reply has a malformed {name}", path)
