@@ -309,6 +309,23 @@ def claim_pending(conn: Connection, limit: int, table: Table = events) -> list[i
     return [int(i) for i in conn.execute(stmt).scalars()]
 
 
+def claim_pending_apart(
+    conn: Connection, limit: int, table: Table, apart: ColumnElement[bool]
+) -> tuple[list[int], list[int]]:
+    """`claim_pending`, split: (ids that may share a job, ids of rows for which `apart` holds)."""
+    stmt = (
+        select(table.c.id, apart)
+        .where(table.c.status == EventStatus.PENDING.value)
+        .order_by(table.c.id)
+        .limit(limit)
+    )
+    together: list[int] = []
+    alone: list[int] = []
+    for row_id, flag in conn.execute(stmt).all():
+        (alone if flag else together).append(int(row_id))  # NULL (no last_error, say) is not apart
+    return together, alone
+
+
 def among(conn: Connection, column: Any, values: Iterable[Any]) -> ColumnElement[bool]:
     """`column IN (values)`; on PostgreSQL `column = ANY(:array)`, one parameter whatever the count.
 

@@ -13,13 +13,14 @@ from rq import Queue, Worker
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from sqlalchemy import Engine, Table, inspect
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from webhook.cardstore import mp_records
 from webhook.members import activations
 from webhook.store import (
     EventStatus,
-    claim_pending,
+    claim_pending_apart,
     events,
     mark_queued,
     release_jobs,
@@ -29,7 +30,7 @@ from webhook.store import (
 )
 
 from .context import EVENTS_QUEUE, WorkerContext
-from .reaper import reap_stuck
+from .reaper import lost_before, reap_stuck
 from .failures import job_retry
 from .recovery import schedule_recovery
 
@@ -62,6 +63,17 @@ SCHEMA_WARNING_INTERVAL = 60.0
 
 def _chunks(ids: list[int], size: int) -> list[list[int]]:
     return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+
+def _claim(conn: Connection, limit: int, table: Table, job_batch: int) -> list[list[int]]:
+    """The oldest pending rows of `table`, at most `limit`, as the id lists of their jobs, oldest first.
+
+    A row that was in a run which died holding it (the reaper says so in its
+    last_error) goes in a job of its own: should it be what kills workers, it
+    then kills only its own job, and the reaper can count its losses.
+    """
+    together, apart = claim_pending_apart(conn, limit, table, lost_before(table))
+    return sorted(_chunks(together, job_batch) + [[i] for i in apart], key=lambda chunk: chunk[0])
 
 
 @dataclass(frozen=True)
@@ -131,7 +143,7 @@ def dispatch_once(ctx: WorkerContext, limit: int | None = None, max_jobs: int | 
         limit = min(limit, max_jobs * settings.job_batch)
     batches: list[tuple[Outbox, str, list[int]]] = []
     with worker_writing(ctx.engine) as conn:
-        found = [(outbox, _chunks(claim_pending(conn, limit, outbox.table), settings.job_batch)) for outbox in OUTBOXES]
+        found = [(outbox, _claim(conn, limit, outbox.table, settings.job_batch)) for outbox in OUTBOXES]
         for outbox, chunk in _share(found, max_jobs):
             job_id = f"{outbox.prefix}-{secrets.token_hex(8)}"
             won = mark_queued(conn, chunk, job_id, outbox.table)

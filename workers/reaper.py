@@ -10,6 +10,18 @@ running, and is the worker running it alive? Rows of abandoned jobs go back to
 `pending` (the outbox), so the dispatcher queues them again under a new job id;
 a stale copy of the old job then touches nothing, because a job only starts
 rows queued under its own id.
+
+A row whose processing kills the worker (OOM, a crash in a C extension, the
+hung-worker listener's SIGKILL) would kill every worker that takes it, and
+every other row of its job with it. So a row taken back from a run that died
+holding it carries that in its last_error (`lost with its worker N time(s) in
+a row`): the dispatcher queues each such row in a job of its own, and the
+reaper counts the losses. Any other outcome (processed, failed, a retry of a
+normal run) overwrites last_error and so ends the streak. A row lost as many
+times in a row as a transient failure may be tried (1 + the retry intervals),
+the last time alone in its job, is `dead`: only a replay revives it. A loss in
+a job of several rows cannot tell which row was to blame, so it never makes a
+row dead on its own; it only counts.
 """
 from __future__ import annotations
 
@@ -18,18 +30,22 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 from rq.job import Job, JobStatus
 from sqlalchemy import Table, select, update
+from sqlalchemy.sql.elements import ColumnElement
 
 from webhook import metrics
+from webhook.config import DEFAULT_RETRY_INTERVALS
 from webhook.store import AttemptOutcome, EventStatus, add_attempts, among, events, utcnow, worker_writing
 
 from .context import WorkerContext
@@ -43,6 +59,13 @@ ENDED = frozenset({JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobS
 WAITING = frozenset({JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED})
 FETCH_CHUNK = 500  # jobs looked up per Redis pipeline
 LOST_ERROR = "worker lost: {worker} stopped answering while it held this row"
+# The last_error of a row taken back from a run that died holding it. The
+# dispatcher queues a row whose last_error starts with LOST_MARK alone, and the
+# reaper reads the count of the streak back from it (no column to keep it in).
+LOST_MARK = "lost with its worker"
+LOST_STREAK = LOST_MARK + " {count} time(s) in a row (of {budget} allowed): {reason}"
+LOST_DEAD = LOST_MARK + " {count} times in a row, the last time alone in its job; dead until replayed: {reason}"
+_STREAK_COUNT = re.compile(re.escape(LOST_MARK) + r" (\d+) time\(s\) in a row \(")
 
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -184,34 +207,81 @@ def _abandoned_jobs(
     return found
 
 
-def requeue_rows(conn: Any, table: Table, job_id: str, status: EventStatus, reason: str) -> list[int]:
-    """Put the rows `job_id` holds in `status` back to pending; record lost attempts of events.
+def loss_budget(retry_intervals: Sequence[int]) -> int:
+    """How many times in a row a row may be lost with its worker: the tries a transient failure gets."""
+    return 1 + len(retry_intervals)
 
-    Only the rows the UPDATE itself moved count: on PostgreSQL the job may
-    finish some of them between the look and the change (its write phase
-    locks them first), and those are neither requeued nor given an attempt.
+
+def losses_in_a_row(last_error: str | None) -> int:
+    """How many runs in a row died holding the row, read from its last_error (0 after any other outcome)."""
+    found = _STREAK_COUNT.match(last_error or "")
+    return int(found.group(1)) if found else 0
+
+
+def lost_before(table: Table) -> ColumnElement[bool]:
+    """Rows whose last word is that a run died holding them: each goes in a job of its own."""
+    return table.c.last_error.startswith(LOST_MARK, autoescape=True)
+
+
+@dataclass
+class TakenBack:
+    """The rows the reaper took from one job: back to the outbox, or dead."""
+
+    pending: list[int] = field(default_factory=list)
+    dead: list[int] = field(default_factory=list)
+
+    @property
+    def moved(self) -> list[int]:
+        """Every row taken, in id order."""
+        return sorted(self.pending + self.dead)
+
+
+def _plan(row: Any, status: EventStatus, reason: str, budget: int, alone: bool) -> tuple[EventStatus, str]:
+    """Where one taken row goes, and its last_error."""
+    if status != EventStatus.PROCESSING:
+        # Never started by the lost run: no loss to count, but a streak it had stands.
+        return EventStatus.PENDING, row.last_error if str(row.last_error or "").startswith(LOST_MARK) else reason
+    count = losses_in_a_row(row.last_error) + 1
+    if count >= budget and alone:
+        return EventStatus.DEAD, LOST_DEAD.format(count=count, reason=reason)
+    return EventStatus.PENDING, LOST_STREAK.format(count=count, budget=budget, reason=reason)
+
+
+def take_back(conn: Any, table: Table, job_id: str, status: EventStatus, reason: str, budget: int) -> TakenBack:
+    """Take the rows `job_id` holds in `status` back to pending, or dead; record their attempts if events.
+
+    A `processing` row was being worked on when its run died: its loss counts
+    (see the module's docstring), and the next run gives it a job of its own.
+    Only the rows the UPDATEs themselves moved count: on PostgreSQL the job
+    may finish some of them between the look and the change (its write phase
+    locks them first), and those are neither taken nor given an attempt.
     """
     held = (table.c.job_id == job_id, table.c.status == status.value)
-    looked = conn.execute(select(table.c.id, table.c.attempts, table.c.updated_at).where(*held)).all()
+    looked = conn.execute(
+        select(table.c.id, table.c.attempts, table.c.updated_at, table.c.last_error).where(*held)
+    ).all()
+    taken = TakenBack()
     if not looked:
-        return []
-    requeue = update(table).where(among(conn, table.c.id, [int(r.id) for r in looked]), *held).values(
-        status=EventStatus.PENDING.value, job_id=None, last_error=reason[:1000], updated_at=utcnow()
-    )
-    if conn.dialect.update_returning:
-        moved = {int(i) for i in conn.execute(requeue.returning(table.c.id)).scalars()}
-    else:  # SQLite before 3.35: the worker's write lock (BEGIN IMMEDIATE) keeps the look and the change together
-        conn.execute(requeue)
-        moved = {int(r.id) for r in looked}
-    rows = [r for r in looked if int(r.id) in moved]
-    if not rows:
-        return []
-    ids = sorted(moved)
-    if table is events and status == EventStatus.PROCESSING:
-        now = utcnow()
-        add_attempts(
-            conn,
-            [
+        return taken
+    plans: dict[tuple[EventStatus, str], list[Any]] = {}
+    for row in looked:
+        plans.setdefault(_plan(row, status, reason, budget, alone=len(looked) == 1), []).append(row)
+    now = utcnow()
+    attempts: list[dict[str, Any]] = []
+    for (to, text), rows in plans.items():
+        values: dict[str, Any] = {"status": to.value, "last_error": text[:1000], "updated_at": now}
+        if to == EventStatus.PENDING:
+            values["job_id"] = None
+        change = update(table).where(among(conn, table.c.id, [int(r.id) for r in rows]), *held).values(**values)
+        if conn.dialect.update_returning:
+            moved = {int(i) for i in conn.execute(change.returning(table.c.id)).scalars()}
+        else:  # SQLite before 3.35: the worker's write lock (BEGIN IMMEDIATE) keeps the look and the change together
+            conn.execute(change)
+            moved = {int(r.id) for r in rows}
+        (taken.dead if to == EventStatus.DEAD else taken.pending).extend(sorted(moved))
+        if table is events and status == EventStatus.PROCESSING:
+            outcome = AttemptOutcome.DEAD if to == EventStatus.DEAD else AttemptOutcome.RETRYING
+            attempts.extend(
                 {
                     "event_id": int(r.id),
                     "attempt": int(r.attempts),
@@ -219,13 +289,24 @@ def requeue_rows(conn: Any, table: Table, job_id: str, status: EventStatus, reas
                     "worker": None,
                     "started_at": r.updated_at or now,
                     "finished_at": now,
-                    "outcome": AttemptOutcome.RETRYING.value,
-                    "error": reason[:1000],
+                    "outcome": outcome.value,
+                    "error": text[:1000],
                 }
                 for r in rows
-            ],
-        )
-    return ids
+                if int(r.id) in moved
+            )
+    attempts.sort(key=lambda a: int(a["event_id"]))
+    add_attempts(conn, attempts)
+    return taken
+
+
+def requeue_rows(
+    conn: Any, table: Table, job_id: str, status: EventStatus, reason: str, budget: int | None = None
+) -> list[int]:
+    """`take_back`, returning the ids of every row taken (budget: that of the default retry intervals)."""
+    if budget is None:
+        budget = loss_budget(DEFAULT_RETRY_INTERVALS)
+    return take_back(conn, table, job_id, status, reason, budget).moved
 
 
 def reap_stuck(ctx: WorkerContext, tables: Sequence[Table] | None = None, min_age: float | None = None) -> int:
@@ -240,17 +321,20 @@ def reap_stuck(ctx: WorkerContext, tables: Sequence[Table] | None = None, min_ag
         tables = [outbox.table for outbox in OUTBOXES]
     age = ctx.settings.heartbeat_ttl if min_age is None else min_age
     before = utcnow() - dt.timedelta(seconds=age)
+    budget = loss_budget(ctx.settings.retry_intervals)
     moved = 0
     for table in tables:
         for status in (EventStatus.PROCESSING, EventStatus.QUEUED):
             for job_id, reason in _abandoned_jobs(ctx, table, status, before).items():
                 with worker_writing(ctx.engine) as conn:
-                    ids = requeue_rows(conn, table, job_id, status, reason)
+                    taken = take_back(conn, table, job_id, status, reason, budget)
+                ids = taken.moved
                 if ids:
                     moved += len(ids)
                     metrics.count_reaped(table.name, len(ids))
                     log.warning(
                         "requeued stuck rows",
-                        extra={"table": table.name, "rows": len(ids), "job_id": job_id, "reason": reason},
-                    )
+                        extra={"table": table.name, "rows": len(ids), "dead": len(taken.dead), "job_id": job_id,
+                               "reason": reason},
+                    )  # fmt: skip
     return moved
