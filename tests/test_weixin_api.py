@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import logging
 import socket
@@ -540,7 +541,7 @@ def test_secrets_stay_out_of_errors_and_logs(
     fake_weixin: FakeWeixin, weixin_client: WeixinClient, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Errors and log lines carry path and errcode, never the token, the secret or a full code."""
-    caplog.set_level(logging.DEBUG, logger="webhook.weixin_api")
+    caplog.set_level(logging.DEBUG, logger="wxcoupon.weixin")
     added = fake_weixin.add_card("pCardSecret", "oUser")
     token = weixin_client.get_access_token()
     fake_weixin.inject_fault("/card/code/get", errcode=40097, count=1,
@@ -693,7 +694,7 @@ def test_a_bad_reply_is_counted_and_logged_without_its_content(
 ) -> None:
     """Metrics label it bad_response; the log line names path and reason, never the reply or the token;
     a call that changes state is not sent again."""
-    caplog.set_level(logging.DEBUG, logger="webhook.weixin_api")
+    caplog.set_level(logging.DEBUG, logger="wxcoupon.weixin")
     token = weixin_client.get_access_token()
     before = _calls("card/membercard/activate", "bad_response")
     marker = "oPersonalOpenid0000SECRET"
@@ -869,3 +870,24 @@ def test_activate_temp_info_needs_a_form(fake_weixin: FakeWeixin, weixin_client:
     with pytest.raises(WeixinAPIError) as caught:
         weixin_client.get_activate_temp_info("ticket")
     assert caught.value.errcode == ERRCODE_BAD_RESPONSE
+
+
+def test_client_lines_go_through_wxcoupons_handler(
+    fake_weixin: FakeWeixin, weixin_client: WeixinClient, settings: Settings,
+) -> None:
+    """The client's log lines reach the service's handler (its format, redaction and context), not
+    Python's last-resort stderr handler, which the client's logger under `webhook.` fell back to."""
+    from webhook import logs
+
+    logs.configure_logging(settings.log_format)
+    [handler] = [h for h in logging.getLogger("wxcoupon").handlers
+                 if any(isinstance(f, logs.ContextFilter) for f in h.filters)]  # fmt: skip
+    stream = io.StringIO()
+    previous = handler.setStream(stream)  # type: ignore[attr-defined]
+    try:
+        fake_weixin.inject_fault("/card/code/get", errcode=40097, count=1)
+        with pytest.raises(WeixinAPIError):
+            weixin_client.get_code(fake_weixin.add_card("pCardLogged", "oUser")["code"])
+    finally:
+        handler.setStream(previous)  # type: ignore[attr-defined]
+    assert "WARNING wxcoupon.weixin: weixin card/code/get errcode=40097" in stream.getvalue()

@@ -79,7 +79,7 @@ from webhook.weixin_reply import (
     reply_text,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("wxcoupon.weixin")  # under wxcoupon's handler and format, like every line of the service
 
 # Defaults, one place.
 DEFAULT_TIMEOUT = 4.0  # seconds, connect and read each

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 # The client's logger: a bad reply is logged, by path and reason, as one of its calls.
-log = logging.getLogger("webhook.weixin_api")
+log = logging.getLogger("wxcoupon.weixin")  # the client's logger: under wxcoupon's handlers
 
 DEFAULT_EXPIRES_IN = 7200  # what Weixin grants when a reply omits expires_in
 MAX_EXPIRES_IN = 86400  # a credential said to live longer than a day (12x Weixin's grant) is a broken reply
