@@ -288,7 +288,7 @@ def test_sweep_requeues_dead_workers_rows_and_dispatches(
     set_status(worker_ctx, "processing", 1, job_id=job.id, updated_at=utcnow() - dt.timedelta(hours=1))
     result = CliRunner().invoke(main, ["sweep"], env=cli_env)
     assert result.exit_code == 0, result.output
-    assert "queued 2 pending event(s)" in result.output and "requeued 1 from dead workers" in result.output
+    assert "queued 2 pending event(s)" in result.output and "took back 1 from dead workers or jobs" in result.output
     assert statuses(worker_ctx) == ["queued", "queued"]
 
 

@@ -74,7 +74,8 @@ class Metrics:
                                        ["result"], registry=r)
         self.replayed = Counter("wxcoupon_replayed_events", "Events put back through the workers by a replay.",
                                 registry=r)
-        self.reaped = Counter("wxcoupon_reaped_rows", "Rows returned to the outbox from a dead worker or job.",
+        self.reaped = Counter("wxcoupon_reaped_rows",
+                              "Rows taken back from a dead worker or job: to the outbox, or dead after repeated losses.",
                               ["table"], registry=r)
 
 

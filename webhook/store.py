@@ -298,21 +298,11 @@ class PreparedEventInsert:
 # and the Mini Program records move through the same life.
 
 
-def claim_pending(conn: Connection, limit: int, table: Table = events) -> list[int]:
-    """Ids of the oldest pending rows (the outbox), at most `limit`."""
-    stmt = (
-        select(table.c.id)
-        .where(table.c.status == EventStatus.PENDING.value)
-        .order_by(table.c.id)
-        .limit(limit)
-    )
-    return [int(i) for i in conn.execute(stmt).scalars()]
-
-
-def claim_pending_apart(
+def claim_pending(
     conn: Connection, limit: int, table: Table, apart: ColumnElement[bool]
 ) -> tuple[list[int], list[int]]:
-    """`claim_pending`, split: (ids that may share a job, ids of rows for which `apart` holds)."""
+    """The oldest pending rows (the outbox), at most `limit`, as (ids that may share a job, ids of the
+    rows for which `apart` holds)."""
     stmt = (
         select(table.c.id, apart)
         .where(table.c.status == EventStatus.PENDING.value)

@@ -20,7 +20,7 @@ from webhook.cardstore import mp_records
 from webhook.members import activations
 from webhook.store import (
     EventStatus,
-    claim_pending_apart,
+    claim_pending,
     events,
     mark_queued,
     release_jobs,
@@ -72,7 +72,7 @@ def _claim(conn: Connection, limit: int, table: Table, job_batch: int) -> list[l
     last_error) goes in a job of its own: should it be what kills workers, it
     then kills only its own job, and the reaper can count its losses.
     """
-    together, apart = claim_pending_apart(conn, limit, table, lost_before(table))
+    together, apart = claim_pending(conn, limit, table, lost_before(table))
     return sorted(_chunks(together, job_batch) + [[i] for i in apart], key=lambda chunk: chunk[0])
 
 

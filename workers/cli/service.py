@@ -215,4 +215,5 @@ def sweep() -> None:
         queued = dispatch_all(ctx)
     except redis.RedisError as exc:
         raise click.ClickException(f"redis unreachable, events stay pending: {type(exc).__name__}") from None
-    click.echo(f"queued {queued} pending event(s); released {released} orphaned; requeued {stuck} from dead workers")
+    click.echo(f"queued {queued} pending event(s); released {released} orphaned; "
+               f"took back {stuck} from dead workers or jobs")
