@@ -31,14 +31,19 @@ def _reachable() -> Iterator[None]:
 
 @db.command("upgrade")
 @click.option("--revision", default="head", show_default=True, help="Alembic revision to migrate to.")
-def upgrade(revision: str) -> None:
-    """Create or migrate the schema (safe to run on every deploy)."""
+@click.option("--lock-timeout", type=click.FloatRange(min=0), default=schema.DEFAULT_LOCK_TIMEOUT, show_default=True,
+              help="Seconds to wait while another upgrade of the same database runs (0: fail at once).")
+def upgrade(revision: str, lock_timeout: float) -> None:
+    """Create or migrate the schema (safe to run on every deploy, and from several hosts at once)."""
     settings = settings_or_exit()
     engine = make_engine(settings)
     try:
         with _reachable():
-            schema.upgrade(engine, revision)
+            schema.upgrade(engine, revision, lock_timeout=lock_timeout,
+                           on_wait=lambda message: click.echo(f"{message}...", err=True))
             click.echo(f"database at revision {schema.current_revision(engine)}")
+    except schema.SchemaLockError as exc:
+        raise click.ClickException(str(exc)) from None
     finally:
         engine.dispose()
 
