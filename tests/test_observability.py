@@ -1,10 +1,13 @@
 """Probes, Prometheus metrics across processes, and structured, redacted logs."""
 from __future__ import annotations
 
+import ast
 import io
 import json
 import logging
 import os
+import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,13 +108,82 @@ def test_weixin_reconcile_and_token_hooks_never_raise(client: Any) -> None:
     metrics.observe_ack("not a number")  # type: ignore[arg-type]
     after = client.get("/metrics").get_data(as_text=True)
     assert "SECRET" not in after
-    assert sample(after, "wxcoupon_weixin_api_calls_total", api="/card/code/get", errcode="40056") - sample(
-        before, "wxcoupon_weixin_api_calls_total", api="/card/code/get", errcode="40056") == 1
-    assert sample(after, "wxcoupon_weixin_api_calls_total", api="/cgi-bin/token", errcode="network") >= 1
+    assert sample(after, "wxcoupon_weixin_api_calls_total", api="card/code/get", errcode="40056") - sample(
+        before, "wxcoupon_weixin_api_calls_total", api="card/code/get", errcode="40056") == 1
+    assert sample(after, "wxcoupon_weixin_api_calls_total", api="cgi-bin/token", errcode="network") >= 1
     assert sample(after, "wxcoupon_reconcile_outcomes_total", outcome="matched") - sample(
         before, "wxcoupon_reconcile_outcomes_total", outcome="matched") == 3
     assert sample(after, "wxcoupon_token_refreshes_total", result="ok") >= 1
     assert sample(after, "wxcoupon_pushes_total", event="other", outcome="stored") >= 1
+
+
+def _weixin_call_series() -> dict[tuple[str, str], float]:
+    """This process's wxcoupon_weixin_api_calls_total samples: (api, errcode) -> count."""
+    return {
+        (s.labels["api"], s.labels["errcode"]): s.value
+        for family in metrics.metrics().registry.collect()
+        if family.name == "wxcoupon_weixin_api_calls"
+        for s in family.samples
+        if s.name.endswith("_total")
+    }
+
+
+def test_unknown_weixin_errcodes_and_paths_share_one_other_series() -> None:
+    """An upstream answering a different errcode each time, or a path the client never calls, adds one series
+    ("other"), not one per value; a known errcode and the client's own no-errcode labels keep theirs. It used
+    to be one series per distinct int32 (and per path), for ever, in every process."""
+    from webhook.weixin_reply import KNOWN_ERRCODES
+
+    rng = random.Random(20240611)
+    unknown = {rng.randint(-(2**31), 2**31 - 1) for _ in range(300)} - KNOWN_ERRCODES
+    before = _weixin_call_series()
+    for errcode in unknown:
+        metrics.observe_weixin_call("card/code/get", errcode, 0.01)
+    for i in range(50):
+        metrics.observe_weixin_call(f"card/code/get/{i}", 0)  # not a path of the client's
+    for label in ("40056", "timeout", "bad_response"):  # as the client passes them
+        metrics.observe_weixin_call("card/code/get", label)
+    metrics.observe_weixin_call("card/code/get", 40056)
+    after = _weixin_call_series()
+
+    def delta(api: str, errcode: str) -> float:
+        return after.get((api, errcode), 0.0) - before.get((api, errcode), 0.0)
+
+    added = set(after) - set(before)
+    assert added <= {("card/code/get", "other"), ("other", "0"), ("card/code/get", "40056"),
+                     ("card/code/get", "timeout"), ("card/code/get", "bad_response")}  # fmt: skip
+    assert delta("card/code/get", "other") == len(unknown)
+    assert delta("other", "0") == 50
+    assert delta("card/code/get", "40056") == 2
+    assert delta("card/code/get", "timeout") == delta("card/code/get", "bad_response") == 1
+    for errcode in sorted(KNOWN_ERRCODES):
+        metrics.observe_weixin_call("card/update", errcode)
+    assert {("card/update", str(code)) for code in KNOWN_ERRCODES} <= set(_weixin_call_series())
+
+
+def test_every_path_and_no_errcode_label_of_the_client_is_a_label_of_its_own() -> None:
+    """The bound must not hide the client's own calls: each API path written in webhook/weixin_api.py, each
+    errcode the fake Weixin answers, and each label the client gives a call that got no errcode back, is
+    counted under its own name."""
+    from webhook import weixin_api, weixin_reply
+
+    source = Path(weixin_api.__file__).read_text(encoding="utf-8")
+    paths = {node.value for node in ast.walk(ast.parse(source))
+             if isinstance(node, ast.Constant) and isinstance(node.value, str)
+             and re.fullmatch(r"(cgi-bin|card)/[a-z_/]+", node.value)}  # fmt: skip
+    assert len(paths) >= 10  # the check found the client's paths, or it proves nothing
+    assert paths <= metrics.WEIXIN_API_PATHS
+    from workers.fake_weixin.state import ERRMSGS
+
+    assert set(ERRMSGS) <= weixin_reply.KNOWN_ERRCODES  # every errcode the fake Weixin answers
+    own = [weixin_reply.ERRCODE_NETWORK, weixin_reply.ERRCODE_TIMEOUT, weixin_reply.ERRCODE_HTTP,
+           weixin_reply.ERRCODE_BAD_RESPONSE, weixin_reply.ERRCODE_LOCK]  # fmt: skip
+    for errcode in own:
+        label = str(weixin_api._metric_errcode(errcode))  # what the client passes
+        before = _weixin_call_series().get(("card/code/decrypt", label), 0.0)
+        metrics.observe_weixin_call("card/code/decrypt", label)
+        metrics.observe_weixin_call("card/code/decrypt", errcode)  # the errcode itself: the same label
+        assert label != "other" and _weixin_call_series()[("card/code/decrypt", label)] == before + 2
 
 
 def test_prepare_multiproc_dir_empties_a_dead_run_and_keeps_live_processes(tmp_path: Path) -> None:

@@ -21,6 +21,15 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from webhook.weixin_reply import (
+    ERRCODE_BAD_RESPONSE,
+    ERRCODE_HTTP,
+    ERRCODE_LOCK,
+    ERRCODE_NETWORK,
+    ERRCODE_TIMEOUT,
+    KNOWN_ERRCODES,
+)
+
 log = logging.getLogger("wxcoupon.metrics")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -34,6 +43,33 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 # bounded: anything unexpected is counted as "other".
 _LABEL_RE = re.compile(r"^[A-Za-z0-9_./:-]{1,64}$")
 _PID_FILE_RE = re.compile(r"_(\d+)\.db$")
+# The wxcoupon_weixin_api_* labels come from Weixin's replies and the client's code, so they are
+# bounded by what the project knows rather than by their shape: every distinct value is a time
+# series in every process (and a file's worth in the multiprocess folder). An API path the client
+# does not call, or an errcode the project does not know, is counted as "other"; the client's log
+# line of the call (`weixin <path> errcode=N`) has the value itself.
+WEIXIN_API_PATHS = frozenset({
+    "cgi-bin/token",
+    "cgi-bin/stable_token",
+    "cgi-bin/ticket/getticket",
+    "card/code/decrypt",
+    "card/code/get",
+    "card/membercard/activatetempinfo/get",
+    "card/membercard/activate",
+    "card/membercard/activate/geturl",
+    "card/membercard/activateuserform/set",
+    "card/create",
+    "card/update",
+})
+# A call that got no errcode back, by the client's own errcode for it.
+_NO_ERRCODE_LABELS = {
+    ERRCODE_NETWORK: "network",
+    ERRCODE_TIMEOUT: "timeout",
+    ERRCODE_HTTP: "http",
+    ERRCODE_BAD_RESPONSE: "bad_response",
+    ERRCODE_LOCK: "lock",
+}
+_ERRCODE_LABELS = frozenset({*(str(code) for code in KNOWN_ERRCODES), *_NO_ERRCODE_LABELS.values()})
 
 F = TypeVar("F", bound=Callable[..., None])
 
@@ -41,6 +77,22 @@ F = TypeVar("F", bound=Callable[..., None])
 def _label(value: object) -> str:
     text = "" if value is None else str(value)
     return text if _LABEL_RE.match(text) else "other"
+
+
+def _api_label(path: str) -> str:
+    """A Weixin API path as the client writes it (no query, no leading slash), or "other"."""
+    api = path.split("?", 1)[0].strip("/")
+    return api if api in WEIXIN_API_PATHS else "other"
+
+
+def _errcode_label(errcode: int | str | None) -> str:
+    """A known errcode, what a call without one failed on (`network`, `http`, ...), or "other"."""
+    if errcode is None:
+        return "network"
+    if isinstance(errcode, int) and errcode in _NO_ERRCODE_LABELS:
+        return _NO_ERRCODE_LABELS[errcode]
+    text = str(errcode)
+    return text if text in _ERRCODE_LABELS else "other"
 
 
 class Metrics:
@@ -65,7 +117,8 @@ class Metrics:
         self.job_seconds = Histogram("wxcoupon_job_duration_seconds", "RQ job run time, by job and outcome.",
                                      ["job", "outcome"], buckets=JOB_BUCKETS, registry=r)
         self.weixin_calls = Counter("wxcoupon_weixin_api_calls", "Weixin API calls, by API path and errcode "
-                                    "(\"0\" ok, \"http\"/\"network\" when no errcode came back).",
+                                    "(\"0\" ok, \"http\"/\"network\"/... when no errcode came back, "
+                                    "\"other\" for a path or errcode the project does not know).",
                                     ["api", "errcode"], registry=r)
         self.weixin_seconds = Histogram("wxcoupon_weixin_api_seconds", "Weixin API call time, by API path.",
                                         ["api"], buckets=API_BUCKETS, registry=r)
@@ -128,9 +181,12 @@ def observe_job(job: str, outcome: str, seconds: float) -> None:
 
 @_never_raise
 def observe_weixin_call(path: str, errcode: int | str | None, seconds: float | None = None) -> None:
-    """One Weixin API call: its path (no query), the errcode it returned, and its time."""
-    api = _label(path.split("?", 1)[0])
-    metrics().weixin_calls.labels(api=api, errcode=_label("network" if errcode is None else errcode)).inc()
+    """One Weixin API call: its path, the errcode it returned (None: no answer), and its time.
+
+    Both labels are bounded: an unknown path or errcode is counted as "other".
+    """
+    api = _api_label(path)
+    metrics().weixin_calls.labels(api=api, errcode=_errcode_label(errcode)).inc()
     if seconds is not None:
         metrics().weixin_seconds.labels(api=api).observe(seconds)
 

@@ -94,6 +94,26 @@ _ERRORS_BY_CODE: dict[int, type[WeixinAPIError]] = {
 }
 
 
+# Every errcode of Weixin's the project knows: success, those above, and those that change nothing here but
+# that an operator acts on (weixin-protocol.md, README's runbooks, the fake Weixin's answers). The metrics
+# count a call by these; any other errcode is one label, "other" (see webhook.metrics).
+KNOWN_ERRCODES = frozenset({
+    0, *_ERRORS_BY_CODE,
+    40002,  # invalid grant_type
+    40013,  # invalid appid
+    40071,  # invalid card type
+    40073,  # invalid card id
+    40080,  # invalid cardExt
+    40097,  # invalid args
+    40125,  # invalid appsecret
+    40164,  # the caller's IP is not in the account's whitelist
+    41001,  # access_token missing
+    41011,  # a required field missing
+    45033,  # get_limit exceeded
+    47001,  # data format error
+})
+
+
 def error_for(errcode: int, errmsg: str, path: str = "") -> WeixinAPIError:
     """The typed error for a Weixin errcode (WeixinAPIError when it has no class)."""
     return _ERRORS_BY_CODE.get(errcode, WeixinAPIError)(errcode, errmsg, path)
