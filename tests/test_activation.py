@@ -345,6 +345,32 @@ def test_an_activate_call_without_an_answer_is_checked_then_sent_again(live: Liv
     assert fake.state.codes[added["code"]].activations == 1
 
 
+@pytest.mark.parametrize("answer", [
+    {"drop": True},
+    {"http_status": 502},
+    {"http_status": 503},
+    {"raw": "<html>gateway error</html>"},
+    {"raw": '{"errcode": 0, "errmsg": "o'},  # cut off: not Weixin's verdict
+], ids=["dropped", "http-502", "http-503", "html", "cut-off"])
+def test_an_activation_weixin_applied_whose_answer_was_lost_ends_activated_once(
+    live: Live, ctx: WorkerContext, answer: dict[str, Any]
+) -> None:
+    """Weixin activated the card, then its answer was lost or unusable: the retry finds it active, sends nothing.
+
+    An unusable answer to a write is not a refusal: failing the request for good
+    would leave a member Weixin shows active that the merchant never recorded.
+    """
+    base, _, fake = live
+    card_id = create_card(fake)
+    added, activation_id = plugin_activation(base, fake, card_id, "oOA_lost", "oMP_lost")
+    fake.inject_fault("/card/membercard/activate", applied=True, count=1, **answer)
+    work(ctx)
+    got = activation(base, activation_id)
+    assert (got["status"], got["result"], got["membership_number"]) == ("processed", "activated", "WX00000001")
+    assert fake.calls("/card/membercard/activate") == 1  # the retry checked first and sent nothing
+    assert fake.state.codes[added["code"]].activations == 1
+
+
 # -- non-redirect and registration ----------------------------------------------------------------
 
 

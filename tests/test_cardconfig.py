@@ -264,6 +264,15 @@ def test_weixin_refusals_are_reported(cards_env: FakeWeixin) -> None:
     assert result.exit_code != 0 and "40073" in result.output
 
 
+def test_a_create_whose_answer_was_lost_says_it_may_have_been_applied(cards_env: FakeWeixin) -> None:
+    """card/create made the card, then a gateway answered 502: not 'refused', and not sent a second time."""
+    cards_env.inject_fault("/card/create", applied=True, http_status=502)
+    result = CliRunner().invoke(main, ["cards", "create", "--file", str(EXAMPLES / "member_card.json")])
+    assert result.exit_code != 0
+    assert "refused" not in result.output and "may have applied it" in result.output
+    assert cards_env.calls("/card/create") == 1 and len(cards_env.state.cards) == 1
+
+
 def test_validate_needs_no_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`cards validate` is local only: it works with no account configured."""
     monkeypatch.delenv("WECHAT_TOKEN", raising=False)

@@ -281,6 +281,17 @@ def test_raw_reply_fault_in_process(fake_weixin: FakeWeixin) -> None:
     assert caught.value.errcode == 40097
 
 
+def test_an_applied_fault_makes_the_change_then_answers_with_the_fault(fake_weixin: FakeWeixin) -> None:
+    """applied: the card is created, then the answer is the fault's (here a 502); alone it is refused."""
+    token = token_for(fake_weixin)
+    sandbox(fake_weixin, "faults", {"path": "/card/create", "applied": True, "http_status": 502})
+    answer = requests.post(f"{fake_weixin.url}/card/create", params={"access_token": token},
+                           json={"card": {"card_type": "GROUPON", "groupon": {"base_info": {}}}}, timeout=5)
+    assert answer.status_code == 502 and len(fake_weixin.state.cards) == 1
+    refused = sandbox(fake_weixin, "faults", {"path": "/card/create", "applied": True})
+    assert (refused.status_code, refused.json()["errcode"]) == (400, 40097)
+
+
 def test_connections_are_kept_alive(fake_weixin: FakeWeixin) -> None:
     """HTTP/1.1 keep-alive: two calls are answered on one connection, which stays open."""
     connection = http.client.HTTPConnection("127.0.0.1", fake_weixin.port, timeout=5)

@@ -6,16 +6,22 @@ import io
 import json
 import logging
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import psutil
 import pytest
 import redis
 import requests
+import trustme
 
 from tests.weixin_fixtures import make_weixin_client
 from webhook import weixin_api
@@ -432,6 +438,107 @@ def test_dropped_connection_on_create_is_ambiguous(fake_weixin: FakeWeixin, weix
     assert fake_weixin.calls("/card/create") == 1
 
 
+@pytest.mark.parametrize("answer", [
+    {"http_status": 500}, {"http_status": 502}, {"http_status": 503}, {"http_status": 504},
+    {"raw": "<html>bad gateway</html>"}, {"raw": '{"errcode": 0, "card_id": "p'},
+], ids=["500", "502", "503", "504", "html", "cut-off"])
+def test_a_write_answered_without_weixins_verdict_is_ambiguous(
+    fake_weixin: FakeWeixin, weixin_client: WeixinClient, answer: dict[str, Any]
+) -> None:
+    """card/create made the card, then a 5xx or an unreadable reply came back: AmbiguousTimeoutError, never resent.
+
+    Retrying it (as a 5xx of a read is) would create a second card.
+    """
+    fake_weixin.inject_fault("/card/create", applied=True, **answer)
+    with pytest.raises(AmbiguousTimeoutError) as caught:
+        weixin_client.create_card(MEMBER_CARD)
+    assert "outcome unknown" in caught.value.errmsg
+    assert fake_weixin.calls("/card/create") == 1 and len(fake_weixin.state.cards) == 1
+
+
+@pytest.mark.parametrize("status", [408, 429])
+def test_a_write_turned_away_unread_is_retried(fake_weixin: FakeWeixin, weixin_client: WeixinClient,
+                                               status: int) -> None:  # fmt: skip
+    """408 and 429 say the request was not acted on: even card/create is sent again, and made once."""
+    fake_weixin.inject_fault("/card/create", http_status=status)
+    card_id = weixin_client.create_card(MEMBER_CARD)
+    assert fake_weixin.calls("/card/create") == 2 and list(fake_weixin.state.cards) == [card_id]
+
+
+@contextmanager
+def _tls_peer(serve: Callable[[socket.socket], None]) -> Iterator[tuple[int, list[int]]]:
+    """A loopback listener handing each connection to `serve`; yields its port and a connection count."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    accepted: list[int] = []
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            accepted.append(1)
+            with conn:
+                conn.settimeout(2)
+                try:
+                    serve(conn)
+                except OSError:  # the client gave up on the handshake, as it should
+                    pass
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1], accepted
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+def _tls_client(port: int, redis_client: redis.Redis, sleeps: SleepRecorder) -> WeixinClient:
+    client = WeixinClient(f"https://127.0.0.1:{port}", "wxtls", "secret", redis_client, timeout=2.0, sleep=sleeps)
+    redis_client.set(client.access_token_key, "FAKESTABLE_cached", ex=60)
+    return client
+
+
+def test_a_refused_certificate_is_transient_even_for_writes(redis_client: redis.Redis) -> None:
+    """A certificate the client does not trust fails the handshake, before the request: retried, boundedly."""
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("127.0.0.1").configure_cert(server_ctx)  # a CA no bundle holds
+
+    def handshake(conn: socket.socket) -> None:
+        server_ctx.wrap_socket(conn, server_side=True).close()
+
+    sleeps = SleepRecorder()
+    with _tls_peer(handshake) as (port, accepted):
+        client = _tls_client(port, redis_client, sleeps)
+        with pytest.raises(TransientWeixinError) as caught:
+            client.update_card("pCard", {"member_card": {}})
+    assert "certificate refused (request not sent)" in caught.value.errmsg
+    assert len(accepted) == client.retry_attempts and len(sleeps.delays) == client.retry_attempts - 1
+
+
+def test_another_tls_error_is_ambiguous_for_a_write_and_retried_for_a_read(redis_client: redis.Redis) -> None:
+    """Any other TLS error may come after the request went (on a kept-alive connection): a write is not resent."""
+
+    def plain_http(conn: socket.socket) -> None:  # answers TLS with plain HTTP: not a certificate problem
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    sleeps = SleepRecorder()
+    with _tls_peer(plain_http) as (port, accepted):
+        client = _tls_client(port, redis_client, sleeps)
+        with pytest.raises(AmbiguousTimeoutError) as write:
+            client.update_card("pCard", {"member_card": {}})
+        assert len(accepted) == 1 and "TLS error after sending; outcome unknown" in write.value.errmsg
+        with pytest.raises(TransientWeixinError) as read:
+            client.get_code("123456789012")
+    assert not isinstance(read.value, AmbiguousTimeoutError)
+    assert len(accepted) == 1 + client.retry_attempts
+
+
 def test_refused_connection_is_transient_even_for_writes(redis_client: redis.Redis) -> None:
     """Nothing listening: the request never left, so even update_card is retried, boundedly."""
     with socket.socket() as probe:
@@ -693,7 +800,7 @@ def test_a_bad_reply_is_counted_and_logged_without_its_content(
     fake_weixin: FakeWeixin, weixin_client: WeixinClient, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Metrics label it bad_response; the log line names path and reason, never the reply or the token;
-    a call that changes state is not sent again."""
+    a call that changes state is not sent again, and its outcome is unknown."""
     caplog.set_level(logging.DEBUG, logger="wxcoupon.weixin")
     token = weixin_client.get_access_token()
     before = _calls("card/membercard/activate", "bad_response")
@@ -702,7 +809,7 @@ def test_a_bad_reply_is_counted_and_logged_without_its_content(
                              raw=f'{{"errcode": 1e999, "openid": "{marker}", "echo": "{token}"}}')  # fmt: skip
     with pytest.raises(WeixinAPIError) as caught:
         weixin_client.activate_member_card(membership_number="M1", code="226009850808")
-    assert type(caught.value) is WeixinAPIError and caught.value.errcode == ERRCODE_BAD_RESPONSE
+    assert isinstance(caught.value, AmbiguousTimeoutError) and caught.value.errcode == ERRCODE_BAD_RESPONSE
     assert fake_weixin.calls("/card/membercard/activate") == 1
     assert _calls("card/membercard/activate", "bad_response") == before + 1
     assert "card/membercard/activate errcode=-1004: reply has a number out of range" in caplog.text

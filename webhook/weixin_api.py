@@ -8,7 +8,9 @@ seconds (never past the Redis key's expiry), so a busy worker does not pay a
 Redis round trip per call; a token replaced meanwhile by another process is
 refused by Weixin (40001), and the one refresh that follows reads Redis first.
 Every HTTP call has a timeout; calls that change state on Weixin's side are
-never retried once the request may have been sent.
+never retried once the request may have been sent, and any answer to them that
+is not Weixin's readable verdict (a 5xx, an unreadable reply) is
+AmbiguousTimeoutError: the change may have been applied.
 Nothing secret is logged or put into an exception message: log lines carry the
 API path and the errcode only.
 A reply is trusted as little as a request from the Internet: at most
@@ -24,6 +26,7 @@ import json
 import logging
 import os
 import random
+import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
@@ -43,6 +46,7 @@ from urllib3.exceptions import (
     ReadTimeoutError,
     SSLError,
 )
+from urllib3.util.ssl_match_hostname import CertificateError
 
 from webhook import metrics
 from webhook.config import ConfigError, Settings
@@ -100,7 +104,12 @@ TokenEndpoint = Literal["stable_token", "token"]
 
 
 class AmbiguousTimeoutError(WeixinAPIError):
-    """A call that changes state was sent but got no answer: it may have been applied."""
+    """A call that changes state may have been sent and got no usable answer: it may have been applied.
+
+    No answer in time, the connection lost or a TLS error after the request may
+    have gone, an HTTP 5xx, or a reply that cannot be read. (The name is older
+    than the cases after the timeout.)
+    """
 
 
 # The metric's errcode label for this client's own codes (no errcode came back).
@@ -455,16 +464,23 @@ class WeixinClient:
         if query:
             url = f"{url}?{urlencode(query)}"
         status, raw = self._exchange(method, url, data, headers, path, idempotent)
-        if status == 504 and not idempotent:
-            raise AmbiguousTimeoutError(ERRCODE_HTTP, "HTTP 504 after sending; outcome unknown", path)
+        if status >= 500 and not idempotent:
+            # A 5xx comes from Weixin or a gateway after the request went in: it may have been applied.
+            raise AmbiguousTimeoutError(ERRCODE_HTTP, f"HTTP {status} after sending; outcome unknown", path)
         if status >= 500 or status in _REFUSED_UNREAD:
             raise TransientWeixinError(ERRCODE_HTTP, f"HTTP {status}", path)
         if status != 200:
             raise WeixinAPIError(ERRCODE_HTTP, f"HTTP {status}", path)
-        if raw is None:
-            raise bad_reply(f"reply is longer than {MAX_REPLY_BYTES} bytes", path)
-        reply = parse_reply(raw, path)
-        errcode = reply_errcode(reply, path)
+        try:
+            if raw is None:
+                raise bad_reply(f"reply is longer than {MAX_REPLY_BYTES} bytes", path)
+            reply = parse_reply(raw, path)
+            errcode = reply_errcode(reply, path)
+        except WeixinAPIError as exc:
+            if idempotent:
+                raise
+            # An answer that says nothing usable about a change is no answer: it may have been applied.
+            raise AmbiguousTimeoutError(exc.errcode, f"{exc.errmsg} after sending; outcome unknown", path) from None
         if errcode != 0:
             log.warning("weixin %s errcode=%d", path, errcode)
             raise error_for(errcode, reply_errmsg(reply.get("errmsg"), (self._appsecret, token)), path)
@@ -487,9 +503,14 @@ class WeixinClient:
             raise TransientWeixinError(ERRCODE_NETWORK, "connect timed out (request not sent)", path) from None
         except ReadTimeoutError:
             raise _unanswered(ERRCODE_TIMEOUT, "read timed out", path, idempotent) from None
-        except SSLError:
-            # The TLS handshake comes before the request: nothing was sent.
-            raise TransientWeixinError(ERRCODE_NETWORK, "TLS handshake failed (request not sent)", path) from None
+        except SSLError as exc:
+            if exc.args and isinstance(exc.args[0], (ssl.SSLCertVerificationError, CertificateError)):
+                # The certificate is checked in the handshake, before the request: nothing was sent.
+                raise TransientWeixinError(ERRCODE_NETWORK, "TLS certificate refused (request not sent)",
+                                           path) from None
+            # On a pooled connection (its handshake long done) a TLS error comes while sending or reading
+            # the answer: the request may have gone.
+            raise _unanswered(ERRCODE_NETWORK, "TLS error", path, idempotent) from None
         except (ProtocolError, ProxyError, OSError) as exc:
             if isinstance(exc, ProxyError) and isinstance(exc.original_error, (NewConnectionError, ConnectTimeoutError)):
                 # The proxy refused, unresolvable or unreachable, or not connected in time: nothing was sent.

@@ -61,10 +61,16 @@ def _weixin() -> Any:
 
 
 def _send(call: Callable[[], Any]) -> Any:
-    from webhook.weixin_api import WeixinAPIError
+    from webhook.weixin_api import AmbiguousTimeoutError, WeixinAPIError
 
     try:
         return call()
+    except AmbiguousTimeoutError as exc:
+        # Sending it again blindly could create a second card: say so.
+        raise click.ClickException(
+            f"sent, but no usable answer came back (errcode {exc.errcode}: {exc.errmsg}); Weixin may have "
+            "applied it: check the card in the Official Account's admin before sending it again"
+        ) from None
     except WeixinAPIError as exc:
         raise click.ClickException(f"weixin refused it: errcode {exc.errcode}: {exc.errmsg}") from None
 

@@ -154,15 +154,18 @@ class FakeWeixin:
         raw: bytes | str | None = None,
         chunked: bool = False,
         content_encoding: str | None = None,
+        applied: bool = False,
     ) -> None:
         """Misbehave on the next `count` calls of `path` (as POST /sandbox/faults).
 
         `raw` replies with that body as is (str: its UTF-8), with `http_status`
         or 200: any reply a broken upstream could send. `chunked` sends it
         with no Content-Length; `content_encoding` labels it (nothing is encoded).
+        `applied` lets the call happen first (a card is activated, created...)
+        and then answers with the fault instead: a change made whose answer was lost.
         """
         body: dict[str, Any] = {"path": path, "count": count, "latency_ms": latency_ms, "drop": drop,
-                                "chunked": chunked}
+                                "chunked": chunked, "applied": applied}
         for name, value in (("errcode", errcode), ("http_status", http_status), ("errmsg", errmsg), ("raw", raw),
                             ("content_encoding", content_encoding)):
             if value is not None:

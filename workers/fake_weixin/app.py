@@ -165,6 +165,7 @@ def make_fault(body: Mapping[str, Any]) -> tuple[str, Fault]:
             raw=_raw_body(body),
             chunked=_flag(body.get("chunked", False)),
             content_encoding=encoding,
+            applied=_flag(body.get("applied", False)),
         )
     except (TypeError, ValueError):
         raise WeixinFailure(40097, "invalid args: count, errcode, latency_ms and http_status are integers") from None
@@ -172,6 +173,9 @@ def make_fault(body: Mapping[str, Any]) -> tuple[str, Fault]:
         raise WeixinFailure(40097, "invalid args: count must be at least 1")
     if (fault.chunked or fault.content_encoding is not None) and fault.raw is None:
         raise WeixinFailure(40097, "invalid args: chunked and content_encoding go with raw or raw_base64")
+    if fault.applied and not (fault.drop or fault.errcode is not None or fault.http_status is not None
+                              or fault.raw is not None):
+        raise WeixinFailure(40097, "invalid args: applied goes with drop, errcode, http_status or raw")
     return "/" + path.lstrip("/"), fault
 
 
@@ -210,6 +214,17 @@ def _raw_reply(fault: Fault) -> Response:
     return response
 
 
+def _fault_reply(fault: Fault) -> Response:
+    """What a misbehaving Weixin answers: no answer at all, a raw body, a bare HTTP error, or an errcode."""
+    if fault.drop:
+        return _drop_connection()
+    if fault.raw is not None:
+        return _raw_reply(fault)
+    if fault.http_status is not None:
+        return Response("fake upstream failure", status=fault.http_status, mimetype="text/plain")
+    return jsonify(_failure_json(WeixinFailure(int(fault.errcode or 0), fault.errmsg)))
+
+
 # -- the app ---------------------------------------------------------------------
 
 def create_app(state: FakeState, pusher: Pusher | None = None) -> Flask:
@@ -226,24 +241,22 @@ def create_app(state: FakeState, pusher: Pusher | None = None) -> Flask:
         fault = state.take_fault(request.path)
         if fault is None:
             return None
-        if not (fault.drop or fault.errcode is not None or fault.http_status is not None or fault.raw is not None):
-            g.latency_ms = fault.latency_ms  # a slow reply: the call itself still happens
+        if fault.applied or not (fault.drop or fault.errcode is not None or fault.http_status is not None
+                                 or fault.raw is not None):
+            # The call itself happens; a slow reply, or (applied) its reply replaced afterwards.
+            g.latency_ms = fault.latency_ms
+            g.fault_after = fault if fault.applied else None
             return None
         time.sleep(fault.latency_ms / 1000)
-        if fault.drop:
-            return _drop_connection()
-        if fault.raw is not None:
-            return _raw_reply(fault)
-        if fault.http_status is not None:
-            return Response("fake upstream failure", status=fault.http_status, mimetype="text/plain")
-        return jsonify(_failure_json(WeixinFailure(int(fault.errcode or 0), fault.errmsg)))
+        return _fault_reply(fault)
 
     @app.after_request
     def slow_down(response: Response) -> Response:
         latency = g.pop("latency_ms", 0)
         if latency:
             time.sleep(latency / 1000)
-        return response
+        fault = g.pop("fault_after", None)
+        return response if fault is None else _fault_reply(fault)
 
     def api(path: str, methods: tuple[str, ...], authenticated: bool = True) -> Callable[[ApiHandler], ApiHandler]:
         def register(handler: ApiHandler) -> ApiHandler:

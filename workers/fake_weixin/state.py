@@ -86,6 +86,7 @@ class Fault:
     raw: bytes | None = None  # the reply body as is, instead of Weixin's JSON (status: http_status or 200)
     chunked: bool = False  # send `raw` in chunks with no Content-Length, as a streaming upstream does
     content_encoding: str | None = None  # a Content-Encoding header on the raw reply (the body is not encoded here)
+    applied: bool = False  # the call happens first (its change is made); then the reply is this fault's
 
 
 @dataclass
