@@ -18,7 +18,7 @@ from workers import handlers
 from workers.cli import main
 from workers.context import EVENTS_QUEUE, WorkerContext
 from workers.dispatch import PROCESS_EVENTS
-from workers.reaper import Heartbeat, heartbeat_key, live_workers, reap_stuck
+from workers.reaper import LOST_DEAD, Heartbeat, heartbeat_key, live_workers, reap_stuck
 from workers.replay import EventFilter, replay, replay_ids
 
 from . import procs
@@ -89,6 +89,20 @@ def test_dead_events_are_revived_by_replay(client: Any, settings: Settings, work
     work(worker_ctx)
     assert statuses(worker_ctx) == ["processed", "processed"]
     assert [r["attempts"] for r in rows(worker_ctx).values()] == [5, 5]
+
+
+def test_a_row_that_killed_its_workers_is_replayed_alone(client: Any, settings: Settings, worker_ctx: WorkerContext) -> None:
+    """Dead after its losses, it goes in a job of its own: if it kills a worker again, no other row goes with it."""
+    push_n(client, settings, 5)
+    killer = LOST_DEAD.format(count=3, reason="worker lost: w1 stopped answering while it held this row")
+    set_status(worker_ctx, "dead", 1, 2, 4, 5, last_error="TransientWeixinError: busy")
+    set_status(worker_ctx, "dead", 3, last_error=killer)
+    assert replay(worker_ctx, EventFilter(statuses=("dead",))).queued == 5
+    assert sorted(queued_jobs(worker_ctx).values()) == [[1, 2, 4, 5], [3]]
+    Queue(worker_ctx.queue_name(EVENTS_QUEUE), connection=worker_ctx.redis).empty()
+    set_status(worker_ctx, "dead", 1, 2, 3, 4, 5, job_id=None)
+    assert replay_ids(worker_ctx, [2, 3, 4]).queued == 3
+    assert sorted(queued_jobs(worker_ctx).values()) == [[2, 4], [3]]
 
 
 def test_replaying_a_processed_event_changes_nothing(client: Any, settings: Settings, worker_ctx: WorkerContext) -> None:

@@ -27,6 +27,7 @@ from webhook.store import EventStatus, events, release_jobs, utcnow, worker_writ
 from .context import EVENTS_QUEUE, WorkerContext
 from .dispatch import PROCESS_EVENTS
 from .failures import job_retry
+from .reaper import lost_before
 
 __all__ = ["REPLAYABLE", "EventFilter", "ReplayResult", "replay", "replay_ids", "revive_events"]
 
@@ -71,9 +72,14 @@ def mark_page_queued(conn: Any, ids: Sequence[int], job_batch: int) -> list[tupl
     """Move the replayable events among `ids` to queued, `job_batch` per fresh job id; the jobs that won rows.
 
     Rows that changed status meanwhile (processed, or taken by a dispatcher)
-    are simply not moved: the status condition decides, row by row.
+    are simply not moved: the status condition decides, row by row. A row
+    whose last run died holding it (dead after its losses, most often) goes
+    in a job of its own, as the dispatcher does: if it kills a worker again,
+    it takes no other row with it.
     """
-    plan = {f"rpl-{secrets.token_hex(8)}": chunk for chunk in _chunks(sorted(ids), job_batch)}
+    alone = set(conn.execute(select(events.c.id).where(events.c.id.in_(list(ids)), lost_before(events))).scalars())
+    plan = {f"rpl-{secrets.token_hex(8)}": chunk for chunk in _chunks(sorted(set(ids) - alone), job_batch)}
+    plan.update({f"rpl-{secrets.token_hex(8)}": [i] for i in sorted(alone)})
     if conn.dialect.name == "postgresql":
         assignment = _unnest(plan)
         moved = conn.execute(
