@@ -35,7 +35,8 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +67,9 @@ LOST_MARK = "lost with its worker"
 LOST_STREAK = LOST_MARK + " {count} time(s) in a row (of {budget} allowed): {reason}"
 LOST_DEAD = LOST_MARK + " {count} times in a row, the last time alone in its job; dead until replayed: {reason}"
 _STREAK_COUNT = re.compile(re.escape(LOST_MARK) + r" (\d+) time\(s\) in a row \(")
+# While the heartbeat cannot be written (Redis down), a reminder this often; the first failure and the
+# recovery are always logged.
+HEARTBEAT_REMIND_SECONDS = 60.0
 
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -130,19 +134,53 @@ class Heartbeat(threading.Thread):
 
     A thread of its own, so a long job does not silence it; a process that is
     killed stops it at once, and the key expires `heartbeat_ttl` seconds later.
+    While Redis cannot be written the thread says so once, a reminder every
+    HEARTBEAT_REMIND_SECONDS, and once more when a beat is written again: an
+    outage of an hour is a handful of lines, not one per beat.
     """
 
-    def __init__(self, ctx: WorkerContext, worker_name: str) -> None:
+    def __init__(self, ctx: WorkerContext, worker_name: str, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(name="wxcoupon-heartbeat", daemon=True)
         self.ctx = ctx
         self.key = heartbeat_key(ctx.settings.queue_prefix, worker_name)
         self.ttl_ms = max(1000, int(ctx.settings.heartbeat_ttl * 1000))
         self.value = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": utcnow().isoformat()})
         self.stopping = threading.Event()
+        self._clock = clock
+        self._failing_since: float | None = None  # clock() of the first failed beat of the current outage
+        self._failures = 0  # failed beats in a row
+        self._reminded_at = 0.0
 
     def beat(self) -> None:
         """Write the key once (also called before the worker takes its first job)."""
         self.ctx.redis.set(self.key, self.value, px=self.ttl_ms)
+
+    def try_beat(self) -> bool:
+        """Write the key once and log how the writing goes (never raises a Redis error); True if written."""
+        try:
+            self.beat()
+        except redis.RedisError as exc:
+            self._failed(type(exc).__name__)
+            return False
+        if self._failing_since is not None:
+            log.info("heartbeat written again", extra={"failures": self._failures,
+                                                       "seconds": round(self._clock() - self._failing_since, 1)})  # fmt: skip
+            self._failing_since = None
+            self._failures = 0
+        return True
+
+    def _failed(self, error: str) -> None:
+        now = self._clock()
+        self._failures += 1
+        if self._failing_since is None:
+            self._failing_since = self._reminded_at = now
+            log.warning("heartbeat not written", extra={"error": error})
+        elif now - self._reminded_at >= HEARTBEAT_REMIND_SECONDS:
+            self._reminded_at = now
+            log.warning("heartbeat still not written", extra={"error": error, "failures": self._failures,
+                                                              "seconds": round(now - self._failing_since, 1)})  # fmt: skip
+        else:
+            log.debug("heartbeat not written", extra={"error": error})
 
     def stop(self) -> None:
         """Stop beating and remove the key: a clean exit is not a death."""
@@ -155,10 +193,7 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         """Beat until stopped; a Redis outage only delays the next beat."""
         while not self.stopping.wait(self.ttl_ms / 3000):
-            try:
-                self.beat()
-            except redis.RedisError as exc:
-                log.warning("heartbeat not written", extra={"error": type(exc).__name__})
+            self.try_beat()
 
 
 def job_abandoned(ctx: WorkerContext, job: Job | None, row_status: str) -> str | None:
