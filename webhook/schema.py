@@ -4,12 +4,16 @@ Each migration runs in a transaction of its own (so one may leave it, in an
 autocommit block, to build an index concurrently: see migrations/online.py),
 and one upgrade or downgrade runs at a time per database schema: a second one
 waits for the first, then finds the schema at its revision and does nothing.
+On PostgreSQL a migration's statements wait at most `ddl_lock_timeout` for a
+table lock: a statement waiting for one makes every INSERT into that table
+queue behind it, so it gives up instead, and the migration is tried again.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import hashlib
+import math
 import os
 import socket
 import time
@@ -33,11 +37,35 @@ DEFAULT_LOCK_TIMEOUT = 600.0
 # and CREATE INDEX CONCURRENTLY in the running upgrade would wait for it.
 LOCK_POLL_SECONDS = 0.5
 
+# How long a migration's statement waits for a table lock on PostgreSQL (its
+# lock_timeout). ALTER TABLE events waits for ACCESS EXCLUSIVE behind any open
+# transaction that touched the table, and every INSERT into it queues behind
+# the ALTER meanwhile. Weixin waits 5 s for an answer: like SQLite's busy
+# timeout (store.SQLITE_BUSY_SECONDS), this leaves a held-up push time to be
+# answered.
+DEFAULT_DDL_LOCK_TIMEOUT = 2.0
+# PostgreSQL's largest lock_timeout: INT_MAX milliseconds.
+MAX_DDL_LOCK_TIMEOUT = 2_147_483.0
+# A migration that gave up on its lock is tried again this many times in all,
+# after a pause that doubles (the pushes that queued behind it drain, and the
+# transaction in the way may end). Each try can hold intake up for the timeout
+# once, so the count is small and bounded.
+DEFAULT_DDL_LOCK_ATTEMPTS = 3
+MAX_DDL_LOCK_ATTEMPTS = 10
+DDL_RETRY_PAUSE = 1.0
+DDL_RETRY_PAUSE_MAX = 30.0
+# SQLSTATE lock_not_available: lock_timeout expired (or a NOWAIT lock was refused).
+LOCK_NOT_AVAILABLE = "55P03"
+
 OnWait = Callable[[str], None]
 
 
 class SchemaLockError(RuntimeError):
     """Another upgrade or downgrade held the schema past the wait allowed."""
+
+
+class DDLLockTimeoutError(RuntimeError):
+    """A migration could not lock a table within the DDL lock timeout, on every attempt allowed."""
 
 
 def alembic_config(engine: Engine) -> Config:
@@ -48,15 +76,32 @@ def alembic_config(engine: Engine) -> Config:
     return cfg
 
 
+def ddl_lock_timeout_setting(seconds: float) -> str:
+    """PostgreSQL's lock_timeout for `seconds` (0: give up at once); ValueError outside 0..MAX_DDL_LOCK_TIMEOUT."""
+    if math.isnan(seconds) or not 0 <= seconds <= MAX_DDL_LOCK_TIMEOUT:
+        raise ValueError(f"the DDL lock timeout must be from 0 to {MAX_DDL_LOCK_TIMEOUT:g} seconds, not {seconds:g}")
+    # PostgreSQL's 0 would mean "wait for ever": the shortest wait it knows is 1 ms.
+    return f"{max(1, round(seconds * 1000))}ms"
+
+
+def _check_attempts(attempts: int) -> int:
+    if not 1 <= attempts <= MAX_DDL_LOCK_ATTEMPTS:
+        raise ValueError(f"the DDL lock attempts must be from 1 to {MAX_DDL_LOCK_ATTEMPTS}, not {attempts}")
+    return attempts
+
+
 def upgrade(engine: Engine, revision: str = "head", *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+            ddl_lock_timeout: float = DEFAULT_DDL_LOCK_TIMEOUT, ddl_lock_attempts: int = DEFAULT_DDL_LOCK_ATTEMPTS,
             on_wait: OnWait | None = None) -> None:
     """Create or migrate the schema to `revision` (idempotent; one run at a time).
 
-    `on_wait` is told once, with the holder, when another run makes this one wait.
+    `on_wait` is told once, with the holder, when another run makes this one
+    wait, and each time a migration that gave up on a table lock is tried again.
     """
+    setting, attempts = ddl_lock_timeout_setting(ddl_lock_timeout), _check_attempts(ddl_lock_attempts)
     cfg = alembic_config(engine)
-    with _migrating(engine, cfg, lock_timeout, on_wait):
-        command.upgrade(cfg, revision)
+    with _migrating(engine, cfg, lock_timeout, setting, on_wait):
+        _with_lock_retries(engine, cfg, lambda: command.upgrade(cfg, revision), ddl_lock_timeout, attempts, on_wait)
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -68,25 +113,110 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def downgrade(engine: Engine, revision: str, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-               on_wait: OnWait | None = None) -> None:
+              ddl_lock_timeout: float = DEFAULT_DDL_LOCK_TIMEOUT, ddl_lock_attempts: int = DEFAULT_DDL_LOCK_ATTEMPTS,
+              on_wait: OnWait | None = None) -> None:
     """Migrate the schema down to `revision` ("base" removes everything)."""
+    setting, attempts = ddl_lock_timeout_setting(ddl_lock_timeout), _check_attempts(ddl_lock_attempts)
     cfg = alembic_config(engine)
-    with _migrating(engine, cfg, lock_timeout, on_wait):
-        command.downgrade(cfg, revision)
+    with _migrating(engine, cfg, lock_timeout, setting, on_wait):
+        _with_lock_retries(engine, cfg, lambda: command.downgrade(cfg, revision), ddl_lock_timeout, attempts, on_wait)
 
 
 @contextlib.contextmanager
-def _migrating(engine: Engine, cfg: Config, lock_timeout: float, on_wait: OnWait | None) -> Iterator[None]:
-    """Hold the schema lock and hand env.py a connection outside any transaction."""
+def _migrating(engine: Engine, cfg: Config, lock_timeout: float, ddl_lock_timeout: str,
+               on_wait: OnWait | None) -> Iterator[None]:
+    """Hold the schema lock and hand env.py a connection outside any transaction (PostgreSQL: with `ddl_lock_timeout`)."""
     # Connect first: a database that cannot be opened fails with the driver's
     # reason before any lock (SQLite: a file beside it) is attempted.
     with engine.connect() as conn, schema_lock(engine, lock_timeout, on_wait):
         if conn.dialect.name == "sqlite":
             # Each migration reads, then writes: take SQLite's write lock at its
             # BEGIN, or a push committed in between fails it with SQLITE_BUSY.
+            # It needs no lock timeout of its own: a SQLite writer waiting for
+            # the lock polls (busy timeout, store.SQLITE_BUSY_SECONDS) and no
+            # one queues behind it, and in WAL mode readers never block it.
             conn = conn.execution_options(**{IMMEDIATE_OPTION: True})
-        cfg.attributes["connection"] = conn
+            cfg.attributes["connection"] = conn
+            yield
+            return
+        with _session_lock_timeout(conn, ddl_lock_timeout):
+            cfg.attributes["connection"] = conn
+            yield
+
+
+@contextlib.contextmanager
+def _session_lock_timeout(conn: Connection, setting: str) -> Iterator[None]:
+    """Set lock_timeout on the migrations' PostgreSQL session, and reset it before the connection goes back to the pool."""
+    # For the session, not SET LOCAL per transaction: it then bounds the
+    # migrations' autocommit blocks as well (one session, isolation changed).
+    conn.execute(text("SELECT set_config('lock_timeout', :value, false)"), {"value": setting})
+    conn.commit()
+    try:
         yield
+    finally:
+        try:
+            if conn.in_transaction():
+                conn.rollback()
+            conn.execute(text("RESET lock_timeout"))
+            conn.commit()
+        except DBAPIError:
+            conn.invalidate()  # the session is gone, and its setting with it
+
+
+def _with_lock_retries(engine: Engine, cfg: Config, migrate: Callable[[], None], ddl_lock_timeout: float,
+                       attempts: int, on_wait: OnWait | None) -> None:
+    """Run `migrate`; when a migration gave up on a table lock, run it again after a pause, `attempts` times in all.
+
+    Each migration is a transaction of its own: a try that gave up leaves the
+    ones before it applied, and the next try carries on from there.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            migrate()
+            return
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+                raise
+            conn: Connection = cfg.attributes["connection"]
+            if conn.in_transaction():
+                conn.rollback()
+            problem = (f"a migration could not lock its table within {ddl_lock_timeout:g}s and gave up, "
+                       f"so as not to hold up the writes queued behind it ({_tables_in_use(engine)})")
+            if attempt == attempts:
+                tries = f" on all {attempts} tries" if attempts > 1 else ""
+                raise DDLLockTimeoutError(
+                    f"{problem}{tries}; the schema stays at revision {current_revision(engine) or 'base'}; "
+                    "run the upgrade again once that transaction has ended") from exc
+            pause = min(DDL_RETRY_PAUSE * 2 ** (attempt - 1), DDL_RETRY_PAUSE_MAX)
+            if on_wait is not None:
+                on_wait(f"{problem}; trying again in {pause:g}s (try {attempt + 1} of {attempts})")
+            time.sleep(pause)
+
+
+def _tables_in_use(engine: Engine) -> str:
+    """The tables of this schema that other transactions hold locks on, oldest transaction first: the likely culprits."""
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT c.relname, a.pid, a.application_name, a.state, a.xact_start FROM pg_locks l "
+            "JOIN pg_class c ON c.oid = l.relation JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'relation' AND l.granted AND l.pid <> pg_backend_pid() AND c.relkind IN ('r', 'p') "
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND c.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema()) "
+            "GROUP BY c.relname, a.pid, a.application_name, a.state, a.xact_start "
+            "ORDER BY a.xact_start NULLS LAST, a.pid, c.relname LIMIT 5")).all()
+    if not rows:
+        return "no transaction holds its tables now: the one in the way has ended, or is not visible to this user"
+    held = []
+    for table, pid, application, state, since in rows:
+        parts = [f"PostgreSQL backend pid {pid}"]
+        if application:
+            parts.append(f"application {application!r}")
+        if state:
+            parts.append(state)
+        if since is not None:
+            parts.append(f"in a transaction since {since:%Y-%m-%d %H:%M:%S %Z}".rstrip())
+        held.append(f"table {table} in use by {', '.join(parts)}")
+    return "; ".join(held)
 
 
 @contextlib.contextmanager

@@ -19,14 +19,23 @@ changes: whatever came before them is committed even if the build fails. They
 are safe to run again: a valid index of that name is kept, one left INVALID by
 an interrupted build is dropped and built again. On SQLite (no CONCURRENTLY,
 and one writer at a time anyway) they are the plain statements.
+
+They run without the upgrade's lock timeout (`db upgrade --ddl-lock-timeout`).
+A CONCURRENTLY build or drop locks the table in SHARE UPDATE EXCLUSIVE mode,
+which INSERTs do not conflict with, so waiting for it holds no push up; its
+long waits are for older transactions (a push, a worker's batch) to end, and
+PostgreSQL counts those as lock waits: under the timeout the build would fail
+and leave an INVALID index.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from alembic import op
 from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError
 
 
 class IndexConflictError(RuntimeError):
@@ -40,7 +49,7 @@ def create_index_online(index_name: str, table_name: str, columns: Sequence[str]
     if ctx.dialect.name != "postgresql":
         op.create_index(index_name, table_name, list(columns), unique=unique, schema=schema, **kw)
         return
-    with ctx.autocommit_block():
+    with ctx.autocommit_block(), _without_lock_timeout():
         conn = ctx.connection  # the autocommit one, inside the block
         if conn is not None and not ctx.as_sql:
             state = _index_state(conn, index_name, table_name, schema)
@@ -59,8 +68,27 @@ def drop_index_online(index_name: str, table_name: str, *, schema: str | None = 
     if ctx.dialect.name != "postgresql":
         op.drop_index(index_name, table_name=table_name, schema=schema)
         return
-    with ctx.autocommit_block():
+    with ctx.autocommit_block(), _without_lock_timeout():
         op.drop_index(index_name, table_name=table_name, schema=schema, postgresql_concurrently=True, if_exists=True)
+
+
+@contextlib.contextmanager
+def _without_lock_timeout() -> Iterator[None]:
+    """Inside an autocommit block: lock_timeout off for the session meanwhile, then back to what it was."""
+    ctx = op.get_context()
+    conn = ctx.connection
+    if conn is None or ctx.as_sql:
+        yield
+        return
+    previous = conn.execute(text("SELECT current_setting('lock_timeout')")).scalar_one()
+    conn.execute(text("SET lock_timeout = 0"))
+    try:
+        yield
+    finally:
+        try:
+            conn.execute(text("SELECT set_config('lock_timeout', :value, false)"), {"value": previous})
+        except DBAPIError:
+            pass  # the session is gone, setting and all; the error that ended it is the one worth raising
 
 
 def _index_state(conn: Connection, index_name: str, table_name: str, schema: str | None) -> str | None:
