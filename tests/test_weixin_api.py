@@ -466,12 +466,20 @@ def test_a_write_turned_away_unread_is_retried(fake_weixin: FakeWeixin, weixin_c
 
 
 @contextmanager
-def _tls_peer(serve: Callable[[socket.socket], None]) -> Iterator[tuple[int, list[int]]]:
+def _peer(serve: Callable[[socket.socket], None]) -> Iterator[tuple[int, list[int]]]:
     """A loopback listener handing each connection to `serve`; yields its port and a connection count."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.2)
     accepted: list[int] = []
     stop = threading.Event()
+
+    def handle(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(2)
+            try:
+                serve(conn)
+            except OSError:  # the client gave up (on the handshake, on a slow reply), as it should
+                pass
 
     def run() -> None:
         while not stop.is_set():
@@ -480,12 +488,7 @@ def _tls_peer(serve: Callable[[socket.socket], None]) -> Iterator[tuple[int, lis
             except OSError:
                 continue
             accepted.append(1)
-            with conn:
-                conn.settimeout(2)
-                try:
-                    serve(conn)
-                except OSError:  # the client gave up on the handshake, as it should
-                    pass
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -512,7 +515,7 @@ def test_a_refused_certificate_is_transient_even_for_writes(redis_client: redis.
         server_ctx.wrap_socket(conn, server_side=True).close()
 
     sleeps = SleepRecorder()
-    with _tls_peer(handshake) as (port, accepted):
+    with _peer(handshake) as (port, accepted):
         client = _tls_client(port, redis_client, sleeps)
         with pytest.raises(TransientWeixinError) as caught:
             client.update_card("pCard", {"member_card": {}})
@@ -528,7 +531,7 @@ def test_another_tls_error_is_ambiguous_for_a_write_and_retried_for_a_read(redis
         conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
 
     sleeps = SleepRecorder()
-    with _tls_peer(plain_http) as (port, accepted):
+    with _peer(plain_http) as (port, accepted):
         client = _tls_client(port, redis_client, sleeps)
         with pytest.raises(AmbiguousTimeoutError) as write:
             client.update_card("pCard", {"member_card": {}})
@@ -537,6 +540,32 @@ def test_another_tls_error_is_ambiguous_for_a_write_and_retried_for_a_read(redis
             client.get_code("123456789012")
     assert not isinstance(read.value, AmbiguousTimeoutError)
     assert len(accepted) == 1 + client.retry_attempts
+
+
+def _trickle(conn: socket.socket) -> None:
+    """Answers 200 at once, then its body a byte every 50 ms: each read is quick, the whole never ends in time."""
+    conn.recv(65536)
+    body = b'{"errcode": 0, "errmsg": "ok", "card": {}' + b" " * 200 + b"}"
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body))
+    for byte in body:
+        conn.sendall(bytes([byte]))
+        time.sleep(0.05)
+
+
+def test_a_reply_trickled_past_its_deadline_is_given_up(redis_client: redis.Redis) -> None:
+    """Each byte within the read timeout, the whole far past it: the read gives up at twice the timeout
+    (connect and headers, then the body), a read is retried, a write is outcome unknown."""
+    sleeps = SleepRecorder()
+    with _peer(_trickle) as (port, accepted):
+        client = WeixinClient(f"http://127.0.0.1:{port}", "wxslow", "secret", redis_client, timeout=0.3,
+                              sleep=sleeps, retry_attempts=2)  # fmt: skip
+        redis_client.set(client.access_token_key, "FAKESTABLE_cached", ex=60)
+        with pytest.raises(TransientWeixinError) as read:
+            client.get_code("123456789012")
+        assert "reply too slow" in read.value.errmsg and len(accepted) == 2
+        with pytest.raises(AmbiguousTimeoutError) as write:
+            client.update_card("pCard", {"member_card": {}})
+        assert "reply too slow after sending; outcome unknown" in write.value.errmsg and len(accepted) == 3
 
 
 def test_refused_connection_is_transient_even_for_writes(redis_client: redis.Redis) -> None:

@@ -196,9 +196,9 @@ class WeixinClient:
         self._sleep = sleep
         # Redis key -> (credential, time.monotonic() after which it must be read again).
         self._local: dict[str, tuple[str, float]] = {}
-        # A refresher may spend every attempt on connect + read timeouts and the
-        # backoffs between them; the lock must outlive that, and waiters wait as long.
-        self.lock_timeout = retry_attempts * (2 * timeout + backoff_max) + 5.0
+        # A refresher may spend every attempt on its timeouts (the reply's deadline of two, and one last
+        # read) and the backoffs between them; the lock must outlive that, and waiters wait as long.
+        self.lock_timeout = retry_attempts * (3 * timeout + backoff_max) + 5.0
 
     def __repr__(self) -> str:
         return f"WeixinClient(api_base={self.api_base!r}, appid={self.appid!r})"
@@ -492,6 +492,7 @@ class WeixinClient:
     ) -> tuple[int, bytes | None]:
         """Send one request; its status and body (None: longer than MAX_REPLY_BYTES). Raises `from None`:
         urllib3's messages quote the URL, and the URL carries the access_token."""
+        deadline = time.monotonic() + 2 * self.timeout  # the whole reply's: connect and headers, then the body
         try:
             response = self._http.request(
                 method, url, body=data, headers=headers, timeout=self._timeout, retries=False, redirect=False,
@@ -519,9 +520,11 @@ class WeixinClient:
         except HTTPError as exc:
             raise WeixinAPIError(ERRCODE_NETWORK, f"request failed ({type(exc).__name__})", path) from None
         try:
-            return response.status, _read_capped(response)
+            return response.status, _read_capped(response, deadline)
         except ReadTimeoutError:
             raise _unanswered(ERRCODE_TIMEOUT, "read timed out", path, idempotent) from None
+        except _TooSlow:
+            raise _unanswered(ERRCODE_TIMEOUT, "reply too slow", path, idempotent) from None
         except (HTTPError, OSError):
             # Cut off inside the reply (a TLS error here is no handshake's): the request was sent.
             raise _unanswered(ERRCODE_NETWORK, "connection lost", path, idempotent) from None
@@ -537,17 +540,36 @@ def _unanswered(errcode: int, what: str, path: str, idempotent: bool) -> WeixinA
     return AmbiguousTimeoutError(errcode, f"{what} after sending; outcome unknown", path)
 
 
-def _read_capped(response: urllib3.BaseHTTPResponse) -> bytes | None:
-    """The body, or None when it is longer than MAX_REPLY_BYTES; the connection goes back to the pool."""
+class _TooSlow(Exception):
+    """A reply whose body was still coming at its deadline."""
+
+
+def _read_capped(response: urllib3.BaseHTTPResponse, deadline: float) -> bytes | None:
+    """The body, or None when it is longer than MAX_REPLY_BYTES; the connection goes back to the pool.
+
+    Each read takes what has arrived (read1: one receive, which waits the read
+    timeout at most), and none starts after `deadline` (time.monotonic()): a
+    reply sent a few bytes at a time, each within the read timeout, ends there
+    with _TooSlow instead of holding the worker (and a token refresh's lock).
+    """
     try:
-        if response.length_remaining is None or response.length_remaining <= MAX_REPLY_BYTES:
-            raw = response.read(MAX_REPLY_BYTES + 1)
-            if response.length_remaining:  # fewer bytes than its Content-Length: cut off, as urllib3 says
+        if response.length_remaining is not None and response.length_remaining > MAX_REPLY_BYTES:
+            response.close()  # the rest may never end: drop the connection instead of draining it
+            return None
+        parts: list[bytes] = []
+        size = 0
+        while part := response.read1(MAX_REPLY_BYTES + 1 - size):
+            parts.append(part)
+            size += len(part)
+            if size > MAX_REPLY_BYTES:
                 response.close()
-                raise ProtocolError("reply shorter than its Content-Length")
-            if len(raw) <= MAX_REPLY_BYTES:
-                return raw
-        response.close()  # the rest may never end: drop the connection instead of draining it
-        return None
+                return None
+            if time.monotonic() > deadline:
+                response.close()
+                raise _TooSlow
+        if response.length_remaining:  # fewer bytes than its Content-Length: cut off, as urllib3 says
+            response.close()
+            raise ProtocolError("reply shorter than its Content-Length")
+        return b"".join(parts)
     finally:
         response.release_conn()
