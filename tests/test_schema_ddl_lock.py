@@ -218,6 +218,8 @@ def test_an_online_index_build_still_waits_for_older_writers(
     ["--ddl-lock-timeout", "3000000"],
     ["--ddl-lock-attempts", "0"],
     ["--ddl-lock-attempts", "11"],
+    ["--lock-timeout", "nan"],  # would have waited for ever for another upgrade: nan compares false
+    ["--lock-timeout", "-1"],
 ])  # fmt: skip
 def test_a_bad_ddl_lock_option_is_a_usage_error_naming_it(args: list[str]) -> None:
     """Out of range (PostgreSQL's lock_timeout stops at INT_MAX ms) or not a number: exit 2 naming the option."""

@@ -10,7 +10,7 @@ from sqlalchemy.exc import OperationalError
 from webhook import schema
 from webhook.store import make_engine
 
-from .common import settings_or_exit
+from .common import Seconds, settings_or_exit
 
 
 @click.group("db")
@@ -30,7 +30,7 @@ def _reachable() -> Iterator[None]:
 
 
 def _ddl_lock_timeout(_ctx: click.Context, _param: click.Parameter, value: float) -> float:
-    """The range PostgreSQL accepts for lock_timeout (FloatRange lets `nan` through)."""
+    """The range PostgreSQL accepts for lock_timeout."""
     try:
         schema.ddl_lock_timeout_setting(value)
     except ValueError as exc:
@@ -40,9 +40,9 @@ def _ddl_lock_timeout(_ctx: click.Context, _param: click.Parameter, value: float
 
 @db.command("upgrade")
 @click.option("--revision", default="head", show_default=True, help="Alembic revision to migrate to.")
-@click.option("--lock-timeout", type=click.FloatRange(min=0), default=schema.DEFAULT_LOCK_TIMEOUT, show_default=True,
+@click.option("--lock-timeout", type=Seconds(min=0), default=schema.DEFAULT_LOCK_TIMEOUT, show_default=True,
               help="Seconds to wait while another upgrade of the same database runs (0: fail at once).")
-@click.option("--ddl-lock-timeout", type=click.FloatRange(min=0), default=schema.DEFAULT_DDL_LOCK_TIMEOUT,
+@click.option("--ddl-lock-timeout", type=Seconds(min=0), default=schema.DEFAULT_DDL_LOCK_TIMEOUT,
               show_default=True, callback=_ddl_lock_timeout,
               help="PostgreSQL: seconds a migration's statement may wait for a table lock before it gives up, "
                    "since writes to the table queue behind it meanwhile (0: give up at once).")

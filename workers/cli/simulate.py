@@ -9,7 +9,7 @@ import requests
 from webhook.envelope import seal_push
 from webhook.events import CARD_EVENTS, sample_fields
 
-from .common import settings_or_exit
+from .common import Seconds, settings_or_exit
 
 
 def _parse_field(values: tuple[str, ...]) -> dict[str, str]:
@@ -22,12 +22,6 @@ def _parse_field(values: tuple[str, ...]) -> dict[str, str]:
     return fields
 
 
-def _number(value: float) -> float:
-    if value != value:  # NaN passes every range check
-        raise click.BadParameter("not a number")
-    return value
-
-
 @click.command("simulate")
 @click.argument("event")
 @click.option("--url", required=True, help="The webhook URL, e.g. http://127.0.0.1:8000/wechat")
@@ -35,8 +29,8 @@ def _number(value: float) -> float:
 @click.option("--field", "fields", multiple=True, metavar="K=V", help="Set a field (Weixin's name). Repeatable.")
 @click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
               help="Post the same push N times (as retries).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=3600), default=5.0, show_default=True,
-              callback=lambda _c, _p, v: _number(v), help="Seconds, as Weixin waits.")
+@click.option("--timeout", type=Seconds(min=0, min_open=True, max=3600), default=5.0, show_default=True,
+              help="Seconds, as Weixin waits.")
 def simulate(event: str, url: str, mode: str, fields: tuple[str, ...], repeat: int, timeout: float) -> None:
     """Build EVENT (e.g. user_get_card), sign/encrypt it with the configured account, post it."""
     settings = settings_or_exit()
