@@ -1,27 +1,33 @@
 """Reconciliation over real HTTP: the fake Weixin pushes to the app, the Mini Program API records, workers join."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import time
 from typing import Any
 
 import pytest
+import redis
 import requests
 import sqlalchemy as sa
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from rq import Queue
 
 from webhook import metrics
 from webhook.cardstore import cards, mp_records
 from webhook.config import Settings
 from webhook.store import event_attempts, events
-from workers.context import WorkerContext
+from workers.context import API_QUEUE, WorkerContext
 from workers.dispatch import dispatch_all
 from workers.fake_weixin import FakeWeixin
 from workers.fake_weixin.state import PushEvent
 from workers.jobs import process_events
 from webhook.reports import reconciliation_report as report
-from workers.recovery import schedule_recovery
+from workers.recovery import recover_records, schedule_recovery
 
+from . import procs
 from .live_fixtures import MP_KEY, mp_post, work  # the `live` and `ctx` fixtures live there too
 from .pushes import make_push
 
@@ -238,6 +244,76 @@ def test_gap_recovery_records_a_receipt_whose_push_was_lost(
         data = report(conn)
     assert data["recovered"] == 1
     assert schedule_recovery(ctx) == 0  # nothing waiting any more
+
+
+def _refuse_card_updates(ctx: WorkerContext, code: str) -> str:
+    """Make the database refuse any change to the card row of `code`; what its error says.
+
+    PostgreSQL raises SQLSTATE 54000, as for an index entry too large (the row error of
+    workers.failures.is_row_error); SQLite aborts the statement, as a constraint does.
+    """
+    assert code.isdigit()  # written into the DDL as it is (DDL takes no bound parameters)
+    with ctx.engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text(
+                "CREATE FUNCTION refuse_card() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "RAISE EXCEPTION 'card row refused' USING ERRCODE = '54000'; END $$"))
+            conn.execute(sa.text(f"CREATE TRIGGER refuse_card BEFORE UPDATE ON cards FOR EACH ROW "
+                                 f"WHEN (NEW.code = '{code}') EXECUTE FUNCTION refuse_card()"))  # fmt: skip
+        else:
+            conn.execute(sa.text(f"CREATE TRIGGER refuse_card BEFORE UPDATE ON cards WHEN NEW.code = '{code}' "
+                                 "BEGIN SELECT RAISE(ABORT, 'card row refused'); END"))  # fmt: skip
+    return "card row refused"
+
+
+def test_gap_recovery_isolates_a_record_that_fails_and_still_fails_on_an_outage(
+    live: tuple[str, Settings, FakeWeixin], ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In one recovery job, a record whose card row the database refuses and a record whose lookup raises an
+    unexpected error each stay waiting with their error in last_error; the other records are recovered and the
+    job finishes. It used to fail the whole job, leaving every record waiting, each time it was claimed again.
+    Redis unreachable is not a record's failure: the job still fails and writes nothing."""
+    base, _, fake = live
+    added = [fake.add_card(CARD, f"oOA_iso{i}") for i in range(4)]
+    fake.wait_for_pushes(len(added))
+    with ctx.engine.begin() as conn:  # the pushes are lost
+        conn.execute(sa.text("DELETE FROM events"))
+    card_list = [{"card_id": CARD, "code": a["encrypt_code"], "is_success": True} for a in added]
+    assert mp_post(base, "card-receipts", {"mp_openid": "oMP_iso", "card_list": card_list}).status_code == 202
+    work(ctx)
+    assert matches(ctx) == ["waiting"] * 4
+    refused, buggy = added[1]["code"], added[2]["code"]
+    refusal = _refuse_card_updates(ctx, refused)
+    real_get_code = ctx.weixin.get_code
+
+    def get_code(code: str, card_id: str | None = None, check_consume: bool = False) -> dict[str, Any]:
+        if code == buggy:
+            raise KeyError("a bug met by this record only")
+        return real_get_code(code, card_id=card_id, check_consume=check_consume)
+
+    monkeypatch.setattr(ctx.weixin, "get_code", get_code)
+    assert schedule_recovery(ctx) == 4  # one job: WXCOUPON_JOB_BATCH is larger
+    work(ctx)
+
+    with ctx.engine.connect() as conn:
+        got = conn.execute(sa.select(mp_records.c.id, mp_records.c.code, mp_records.c.match, mp_records.c.last_error)
+                           .order_by(mp_records.c.id)).all()  # fmt: skip
+    by_code = {code: (match, error) for _, code, match, error in got}
+    assert [by_code[a["code"]][0] for a in added] == ["recovered", "waiting", "waiting", "recovered"]
+    assert refusal in by_code[refused][1] and by_code[buggy][1].startswith("KeyError")
+    assert card_row(ctx, refused)["origin"] is None and card_row(ctx, added[3]["code"])["origin"] == "recovered"
+    api = Queue(ctx.queue_name(API_QUEUE), connection=ctx.redis)
+    assert api.failed_job_registry.count == 0
+
+    down = redis.Redis(host="127.0.0.1", port=procs.free_port(), retry=Retry(NoBackoff(), 0))
+    waiting = [row_id for row_id, code, _, _ in got if code in (refused, buggy)]
+    with pytest.raises(redis.ConnectionError):
+        recover_records(dataclasses.replace(ctx, redis=down), waiting)  # its own Weixin client, on that Redis
+    with ctx.engine.connect() as conn:
+        after = conn.execute(sa.select(mp_records.c.id, mp_records.c.code, mp_records.c.match, mp_records.c.last_error)
+                             .order_by(mp_records.c.id)).all()  # fmt: skip
+    assert after == got
+    down.close()
 
 
 def test_undecodable_code_is_a_permanent_failure_and_reported(

@@ -15,6 +15,8 @@ from typing import Any
 
 from rq import Queue
 from sqlalchemy import or_, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import OperationalError
 
 from webhook import metrics
 from webhook.cardstore import Match, mp_records
@@ -22,7 +24,7 @@ from webhook.store import utcnow, worker_writing
 from webhook.weixin_api import InvalidCodeError, WeixinAPIError
 
 from .context import API_QUEUE, WorkerContext
-from .failures import describe, is_transient
+from .failures import describe, is_row_error, is_transient, loggable
 from .reconcile import WEIXIN_STATUS, settle_waiting_records, update_card
 
 log = logging.getLogger("wxcoupon.recovery")
@@ -67,7 +69,15 @@ def schedule_recovery(ctx: WorkerContext, now: dt.datetime | None = None, limit:
 
 
 def recover_records(ctx: WorkerContext, record_ids: list[int]) -> dict[str, int]:
-    """Look each waiting record's code up with Weixin and settle it."""
+    """Look each waiting record's code up with Weixin and settle it; one record's failure is its own.
+
+    A record whose lookup or settling fails for a reason of its own (an
+    unexpected error, a row the database refuses) keeps `waiting` with the error
+    in last_error, like an answer that says nothing about the code, and is
+    checked again a delay later; the other records of the job are settled. A
+    failure that is not the record's (Redis or the database unreachable, busy
+    or locked) fails the job: its records are claimed again a delay later.
+    """
     with ctx.engine.connect() as conn:
         records = [
             dict(r)
@@ -81,34 +91,61 @@ def recover_records(ctx: WorkerContext, record_ids: list[int]) -> dict[str, int]
             answers[record["id"]] = ctx.weixin.get_code(record["code"], card_id=record["card_id"])
         except WeixinAPIError as exc:
             answers[record["id"]] = exc
+        except Exception as exc:
+            if is_transient(exc):
+                raise  # Redis or the database, not this record: every record would meet it
+            _record_failed(record, "lookup", exc)
+            answers[record["id"]] = exc
     counts = {"recovered": 0, "unmatched": 0, "retry_later": 0}
     checked = int(time.time())
     with worker_writing(ctx.engine) as conn:
         for record in records:
-            answer = answers[record["id"]]
-            if isinstance(answer, BaseException):
-                if is_transient(answer) or not isinstance(answer, InvalidCodeError):
-                    # Not an answer about the code: stay waiting, checked again a delay later.
-                    counts["retry_later"] += 1
-                    conn.execute(
-                        update(mp_records).where(mp_records.c.id == record["id"]).values(last_error=describe(answer))
-                    )
-                    continue
-                counts["unmatched"] += 1
-                conn.execute(
-                    update(mp_records)
-                    .where(mp_records.c.id == record["id"], mp_records.c.match == Match.WAITING.value)
-                    .values(match=Match.UNMATCHED.value, last_error=describe(answer), updated_at=utcnow())
-                )
-                continue
-            status = WEIXIN_STATUS.get(str(answer.get("user_card_status") or "NORMAL"))
-            card = update_card(
-                conn, record["card_id"], record["code"], status=status, status_time=checked,
-                oa_openid=answer.get("openid"), origin="recovered",
-            )  # fmt: skip
-            settled = settle_waiting_records(conn, card)
-            counts["recovered"] += 1 if settled else 0
+            savepoint = conn.begin_nested()
+            try:
+                outcome = _settle(conn, record, answers[record["id"]], checked)
+                savepoint.commit()
+            except Exception as exc:
+                if isinstance(exc, OperationalError) and not is_row_error(exc):
+                    raise  # the database, not this record: the job fails
+                savepoint.rollback()
+                _record_failed(record, "settling", exc)
+                _keep_waiting(conn, record, exc)
+                outcome = "retry_later"
+            if outcome is not None:
+                counts[outcome] += 1
     metrics.count_reconcile(Match.RECOVERED.value, counts["recovered"])
     metrics.count_reconcile(Match.UNMATCHED.value, counts["unmatched"])
     log.info("recovery done", extra=counts)
     return counts
+
+
+def _settle(
+    conn: Connection, record: dict[str, Any], answer: dict[str, Any] | BaseException, checked: int
+) -> str | None:
+    """Write what Weixin's answer says about one record; the count it falls under (None: none)."""
+    if isinstance(answer, BaseException):
+        if is_transient(answer) or not isinstance(answer, InvalidCodeError):
+            # Not an answer about the code: stay waiting, checked again a delay later.
+            _keep_waiting(conn, record, answer)
+            return "retry_later"
+        conn.execute(
+            update(mp_records)
+            .where(mp_records.c.id == record["id"], mp_records.c.match == Match.WAITING.value)
+            .values(match=Match.UNMATCHED.value, last_error=describe(answer), updated_at=utcnow())
+        )
+        return "unmatched"
+    status = WEIXIN_STATUS.get(str(answer.get("user_card_status") or "NORMAL"))
+    card = update_card(
+        conn, record["card_id"], record["code"], status=status, status_time=checked,
+        oa_openid=answer.get("openid"), origin="recovered",
+    )  # fmt: skip
+    return "recovered" if settle_waiting_records(conn, card) else None
+
+
+def _keep_waiting(conn: Connection, record: dict[str, Any], error: BaseException) -> None:
+    conn.execute(update(mp_records).where(mp_records.c.id == record["id"]).values(last_error=describe(error)))
+
+
+def _record_failed(record: dict[str, Any], step: str, exc: BaseException) -> None:
+    log.warning("recovery of a record failed; it stays waiting",
+                extra={"record_id": record["id"], "step": step, "error": loggable(exc)})  # fmt: skip
