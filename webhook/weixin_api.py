@@ -112,20 +112,6 @@ class AmbiguousTimeoutError(WeixinAPIError):
     """
 
 
-# The metric's errcode label for this client's own codes (no errcode came back).
-_METRIC_ERRCODES = {
-    ERRCODE_NETWORK: "network",
-    ERRCODE_TIMEOUT: "timeout",
-    ERRCODE_HTTP: "http",
-    ERRCODE_BAD_RESPONSE: "bad_response",
-    ERRCODE_LOCK: "lock",
-}
-
-
-def _metric_errcode(errcode: int) -> int | str:
-    return _METRIC_ERRCODES.get(errcode, errcode)
-
-
 @contextlib.contextmanager
 def _observed(path: str) -> Iterator[None]:
     """Count one HTTP exchange by path and errcode, and time it (wxcoupon_weixin_api_*)."""
@@ -133,7 +119,7 @@ def _observed(path: str) -> Iterator[None]:
     try:
         yield
     except WeixinAPIError as exc:
-        metrics.observe_weixin_call(path, _metric_errcode(exc.errcode), time.perf_counter() - started)
+        metrics.observe_weixin_call(path, exc.errcode, time.perf_counter() - started)  # it labels our own codes
         raise
     metrics.observe_weixin_call(path, 0, time.perf_counter() - started)
 
