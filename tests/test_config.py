@@ -61,6 +61,16 @@ def test_a_malformed_redis_url_stops_at_start_naming_it(given: str, says: str) -
         assert load_settings({**BASE_ENV, "REDIS_URL": fine}, dotenv=False).redis_url == fine
 
 
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "NaN"])
+@pytest.mark.parametrize("name", ["WXCOUPON_DISPATCH_INTERVAL", "WXCOUPON_RECOVERY_DELAY", "WXCOUPON_REAP_INTERVAL",
+                                  "WXCOUPON_HEARTBEAT_TTL"])  # fmt: skip
+def test_a_duration_that_is_no_number_stops_at_start_naming_it(name: str, raw: str) -> None:
+    """Before: nan and inf were taken (nan passes 'must be positive'), and failed in a worker's loop much later
+    (timedelta(seconds=nan), time.sleep(inf))."""
+    with pytest.raises(ConfigError, match=f"{name} must be a number of seconds"):
+        load_settings({**BASE_ENV, name: raw}, dotenv=False)
+
+
 def test_a_postgres_url_connects(settings: Settings) -> None:
     """`postgres://…`, as pg_dump and providers write it, reaches the machine's PostgreSQL."""
     if not settings.database_url.startswith("postgresql"):

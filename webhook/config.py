@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -138,6 +139,8 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number (got {raw!r})") from None
+    if not math.isfinite(value):  # nan passes every comparison; both fail later, far from the variable
+        raise ConfigError(f"{name} must be a number of seconds (got {raw!r})")
     if value <= 0:
         raise ConfigError(f"{name} must be positive (got {value})")
     return value
