@@ -63,12 +63,20 @@ def test_a_malformed_redis_url_stops_at_start_naming_it(given: str, says: str) -
 
 @pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "NaN"])
 @pytest.mark.parametrize("name", ["WXCOUPON_DISPATCH_INTERVAL", "WXCOUPON_RECOVERY_DELAY", "WXCOUPON_REAP_INTERVAL",
-                                  "WXCOUPON_HEARTBEAT_TTL"])  # fmt: skip
+                                  "WXCOUPON_HEARTBEAT_TTL", "WXCOUPON_RECOVERY_GIVE_UP"])  # fmt: skip
 def test_a_duration_that_is_no_number_stops_at_start_naming_it(name: str, raw: str) -> None:
     """Before: nan and inf were taken (nan passes 'must be positive'), and failed in a worker's loop much later
     (timedelta(seconds=nan), time.sleep(inf))."""
     with pytest.raises(ConfigError, match=f"{name} must be a number of seconds"):
         load_settings({**BASE_ENV, name: raw}, dotenv=False)
+
+
+def test_recovery_give_up_must_outlast_the_delay() -> None:
+    """A give-up age no longer than the delay would look nothing up: refused at start, naming both."""
+    with pytest.raises(ConfigError, match="WXCOUPON_RECOVERY_GIVE_UP .* must be longer than WXCOUPON_RECOVERY_DELAY"):
+        load_settings({**BASE_ENV, "WXCOUPON_RECOVERY_DELAY": "3600", "WXCOUPON_RECOVERY_GIVE_UP": "3600"},
+                      dotenv=False)  # fmt: skip
+    assert load_settings({**BASE_ENV, "WXCOUPON_RECOVERY_GIVE_UP": "86400"}, dotenv=False).recovery_give_up == 86400
 
 
 def test_a_postgres_url_connects(settings: Settings) -> None:

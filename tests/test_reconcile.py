@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import itertools
 import threading
 import time
@@ -18,7 +19,7 @@ from rq import Queue
 from webhook import metrics
 from webhook.cardstore import cards, mp_records
 from webhook.config import Settings
-from webhook.store import event_attempts, events
+from webhook.store import event_attempts, events, utcnow
 from workers.context import API_QUEUE, WorkerContext
 from workers.dispatch import dispatch_all
 from workers.fake_weixin import FakeWeixin
@@ -241,9 +242,32 @@ def test_gap_recovery_records_a_receipt_whose_push_was_lost(
         "recovered", "oOA_lost", "oMP_lost", "received"
     )
     with ctx.engine.connect() as conn:
-        data = report(conn)
+        data = report(conn, ctx.settings)
     assert data["recovered"] == 1
     assert schedule_recovery(ctx) == 0  # nothing waiting any more
+
+
+def test_gap_recovery_gives_up_on_a_record_after_the_give_up_age(settings: Settings, worker_ctx: WorkerContext) -> None:
+    """A waiting record is looked up every WXCOUPON_RECOVERY_DELAY until WXCOUPON_RECOVERY_GIVE_UP after its
+    decoding (before, for ever: a lookup that never settles it, quota or a bad reply, cost a call every delay);
+    then it stays waiting, counted as given_up, where a push can still match it."""
+    ctx = dataclasses.replace(worker_ctx, settings=settings.with_overrides(recovery_delay=600.0,
+                                                                           recovery_give_up=86400.0))  # fmt: skip
+    now = utcnow()
+    ages = {1: 3600, 2: 86400 - 60, 3: 86400 + 60, 4: 30 * 86400}  # record id: seconds since its decoding
+    with ctx.engine.begin() as conn:
+        for n, age in ages.items():
+            conn.execute(sa.insert(mp_records).values(
+                id=n, dedupe_key=f"rec-{n}", kind="entry", card_id=CARD, encrypt_code=f"enc{n}", code=f"90000000000{n}",
+                is_success=True, match="waiting", status="processed", attempts=1, created_at=now, updated_at=now,
+                decoded_at=now - dt.timedelta(seconds=age),
+            ))  # fmt: skip
+    assert schedule_recovery(ctx, now=now) == 2
+    with ctx.engine.connect() as conn:
+        checked = conn.execute(sa.select(mp_records.c.id).where(mp_records.c.checked_at.is_not(None))).scalars()
+        assert sorted(checked) == [1, 2]
+        data = report(conn, ctx.settings)
+    assert (data["waiting"], data["given_up"]) == (4, 2)
 
 
 def _refuse_card_updates(ctx: WorkerContext, code: str) -> str:

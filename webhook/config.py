@@ -30,6 +30,7 @@ DEFAULT_HEARTBEAT_TTL = 15.0  # a worker not heard from for this long is dead
 MIN_ADMIN_KEY = 16  # characters: the admin key guards replays, so no short ones
 MIN_MP_API_KEY = 24  # characters: the Mini Program backend's bearer key
 DEFAULT_RECOVERY_DELAY = 600.0  # seconds a Mini Program record waits for its push before card/code/get
+DEFAULT_RECOVERY_GIVE_UP = 7 * 86400.0  # seconds after its decoding a waiting record is no longer looked up
 MEMBERSHIP_STRATEGIES = ("code", "sequence")  # WXCOUPON_MEMBERSHIP_NUMBER: the code itself, or prefix + sequence
 MAX_MEMBERSHIP_PREFIX = 12  # prefix + at least 8 sequence digits fit Weixin's 20-character membership_number
 MAX_CUSTOM_FIELD_VALUE = 12  # bytes of an init_custom_field_value (card/membercard/activate)
@@ -74,6 +75,7 @@ class Settings:
     admin_key: str | None = field(default=None, repr=False)  # None: no admin page
     mp_api_key: str | None = field(default=None, repr=False)  # None: /api/mp answers 503
     recovery_delay: float = DEFAULT_RECOVERY_DELAY
+    recovery_give_up: float = DEFAULT_RECOVERY_GIVE_UP
     reap_interval: float = DEFAULT_REAP_INTERVAL
     heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL
     proxies: int = 0  # reverse proxies in front whose X-Forwarded-* headers are trusted
@@ -283,6 +285,15 @@ def _member_settings(env: Mapping[str, str]) -> dict[str, Any]:
     }
 
 
+def _recovery_give_up(env: Mapping[str, str]) -> float:
+    give_up = _float(env, "WXCOUPON_RECOVERY_GIVE_UP", DEFAULT_RECOVERY_GIVE_UP)
+    delay = _float(env, "WXCOUPON_RECOVERY_DELAY", DEFAULT_RECOVERY_DELAY)
+    if give_up <= delay:
+        raise ConfigError(f"WXCOUPON_RECOVERY_GIVE_UP ({give_up:g} s) must be longer than "
+                          f"WXCOUPON_RECOVERY_DELAY ({delay:g} s): no record would ever be looked up")
+    return give_up
+
+
 def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) -> Settings:
     """Read and validate settings; raises ConfigError naming the bad variable."""
     if env is None:
@@ -344,6 +355,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) 
         admin_key=_admin_key(env),
         mp_api_key=_mp_api_key(env),
         recovery_delay=_float(env, "WXCOUPON_RECOVERY_DELAY", DEFAULT_RECOVERY_DELAY),
+        recovery_give_up=_recovery_give_up(env),
         reap_interval=_float(env, "WXCOUPON_REAP_INTERVAL", DEFAULT_REAP_INTERVAL),
         heartbeat_ttl=_float(env, "WXCOUPON_HEARTBEAT_TTL", DEFAULT_HEARTBEAT_TTL),
         proxies=_int(env, "WXCOUPON_PROXIES", 0),

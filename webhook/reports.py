@@ -1,24 +1,34 @@
 """Read-only reports over the card state: what `wxcoupon reconcile report` and the admin page show."""
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from sqlalchemy import and_, func, select
 from sqlalchemy.engine import Connection
 
 from .cardstore import Match, cards, mp_records
+from .config import Settings
+from .store import utcnow
 
 # The counts, in the order they are shown.
-REPORT_COUNTS = ("matched", "waiting", "recovered", "unmatched", "ignored", "undecoded", "oa_only")
+REPORT_COUNTS = ("matched", "waiting", "given_up", "recovered", "unmatched", "ignored", "undecoded", "oa_only")
 
 
-def reconciliation_report(conn: Connection, unmatched_limit: int = 100) -> dict[str, Any]:
+def given_up_before(settings: Settings, now: dt.datetime | None = None) -> dt.datetime:
+    """Waiting records decoded before this are no longer looked up with Weixin (WXCOUPON_RECOVERY_GIVE_UP)."""
+    return (now or utcnow()) - dt.timedelta(seconds=settings.recovery_give_up)
+
+
+def reconciliation_report(conn: Connection, settings: Settings, unmatched_limit: int = 100) -> dict[str, Any]:
     """Counts of the reconciliation and the unmatched items (oldest first, at most `unmatched_limit`).
 
     matched/waiting/recovered/unmatched/ignored: Mini Program records by where
-    they stand against the pushes; undecoded: records whose code a worker has
-    not decoded yet; oa_only: cards known from pushes that no Mini Program
-    record claims.
+    they stand against the pushes; given_up: the waiting ones gap recovery no
+    longer looks up (decoded longer than WXCOUPON_RECOVERY_GIVE_UP ago: a push
+    may still match them, an operator should look); undecoded: records whose
+    code a worker has not decoded yet; oa_only: cards known from pushes that no
+    Mini Program record claims.
     """
     counts = {m.value: 0 for m in Match}
     for match, n in conn.execute(select(mp_records.c.match, func.count()).group_by(mp_records.c.match)).all():
@@ -26,6 +36,10 @@ def reconciliation_report(conn: Connection, unmatched_limit: int = 100) -> dict[
             counts[str(match)] = int(n)
     undecoded = conn.execute(
         select(func.count()).select_from(mp_records).where(mp_records.c.match.is_(None))
+    ).scalar_one()
+    given_up = conn.execute(
+        select(func.count()).select_from(mp_records).where(
+            mp_records.c.match == Match.WAITING.value, mp_records.c.decoded_at < given_up_before(settings))
     ).scalar_one()
     oa_only = conn.execute(
         select(func.count())
@@ -43,6 +57,7 @@ def reconciliation_report(conn: Connection, unmatched_limit: int = 100) -> dict[
     ).mappings()
     return {
         **counts,
+        "given_up": int(given_up),
         "undecoded": int(undecoded),
         "oa_only": int(oa_only),
         "unmatched_items": [dict(i) for i in items],

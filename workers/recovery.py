@@ -3,7 +3,10 @@
 Weixin gives up on a push after three tries and never sends it again, so a
 record still `waiting` after WXCOUPON_RECOVERY_DELAY is looked up with
 card/code/get; if Weixin knows the code, the missing receipt is recorded as
-recovered, otherwise the record is unmatched.
+recovered, otherwise the record is unmatched. A lookup that settles nothing
+(quota, a bad reply, an error of the record's own) is tried again a delay
+later, until WXCOUPON_RECOVERY_GIVE_UP after the record's decoding; then the
+record stays waiting, counted as given_up in the reconciliation report.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from sqlalchemy.exc import OperationalError
 
 from webhook import metrics
 from webhook.cardstore import Match, mp_records
+from webhook.reports import given_up_before
 from webhook.store import utcnow, worker_writing
 from webhook.weixin_api import InvalidCodeError, WeixinAPIError
 
@@ -44,6 +48,8 @@ def schedule_recovery(ctx: WorkerContext, now: dt.datetime | None = None, limit:
                 .where(
                     mp_records.c.match == Match.WAITING.value,
                     mp_records.c.decoded_at < cutoff,
+                    # Past it, a record whose lookups never settle it stops costing a call every delay.
+                    mp_records.c.decoded_at >= given_up_before(ctx.settings, now),
                     or_(mp_records.c.checked_at.is_(None), mp_records.c.checked_at < cutoff),
                 )
                 .order_by(mp_records.c.id)

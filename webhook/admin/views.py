@@ -268,7 +268,7 @@ def replay_many() -> BaseResponse:
 def reconciliation() -> str:
     """The reconciliation report: its counts and the unmatched Mini Program records."""
     with db.get_engine().connect() as conn:
-        report = reconciliation_report(conn, unmatched_limit=200)
+        report = reconciliation_report(conn, db.get_settings(), unmatched_limit=200)
     counts = [(name, report[name]) for name in REPORT_COUNTS]
     return render_template("admin/reconciliation.html", counts=counts, unmatched=report["unmatched_items"])
 

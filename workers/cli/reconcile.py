@@ -22,9 +22,10 @@ def reconcile() -> None:
               help="Unmatched items to list.")
 def report(as_json: bool, limit: int) -> None:
     """Matched, waiting, recovered and unmatched counts, and the unmatched items."""
-    engine = make_engine(settings_or_exit())
+    settings = settings_or_exit()
+    engine = make_engine(settings)
     with engine.connect() as conn:
-        data = reconciliation_report(conn, unmatched_limit=limit)
+        data = reconciliation_report(conn, settings, unmatched_limit=limit)
     engine.dispose()
     if as_json:
         click.echo(json.dumps(data, default=str, ensure_ascii=False))
