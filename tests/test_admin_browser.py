@@ -268,6 +268,7 @@ def test_operator_logs_in_browses_filters_and_replays_in_chromium(
     browser.click("#nav-reconciliation")
     assert browser.text("#count-matched").split() == ["matched", "2"]
     assert browser.text("#count-unmatched").split() == ["unmatched", "1"]
+    assert browser.text("#count-given_up").split() == ["given_up", "0"] and browser.text("#no-given-up") == "None."
     unmatched = browser.text("#unmatched")
     assert "…0002" in unmatched and "520000000002" not in unmatched and "40056" in unmatched
     assert "oMP_2" not in browser.text()  # Mini Program openids are not shown

@@ -12,6 +12,7 @@ import pytest
 import redis
 import requests
 import sqlalchemy as sa
+from click.testing import CliRunner
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from rq import Queue
@@ -24,6 +25,7 @@ from workers.context import API_QUEUE, WorkerContext
 from workers.dispatch import dispatch_all
 from workers.fake_weixin import FakeWeixin
 from workers.fake_weixin.state import PushEvent
+from workers.cli import main
 from workers.jobs import process_events
 from webhook.reports import reconciliation_report as report
 from workers.recovery import recover_records, schedule_recovery
@@ -268,6 +270,13 @@ def test_gap_recovery_gives_up_on_a_record_after_the_give_up_age(settings: Setti
         assert sorted(checked) == [1, 2]
         data = report(conn, ctx.settings)
     assert (data["waiting"], data["given_up"]) == (4, 2)
+    assert [item["id"] for item in data["given_up_items"]] == [3, 4]
+    env = procs.settings_env(ctx.settings, WXCOUPON_RECOVERY_DELAY="600", WXCOUPON_RECOVERY_GIVE_UP="86400")
+    listed = CliRunner().invoke(main, ["reconcile", "report"], env=env)
+    assert listed.exit_code == 0, listed.output
+    assert "given_up   2" in listed.output
+    assert [line.split(":")[0] for line in listed.output.splitlines() if line.startswith("given-up")] == [
+        "given-up record 3", "given-up record 4"]
 
 
 def _refuse_card_updates(ctx: WorkerContext, code: str) -> str:

@@ -21,7 +21,8 @@ def given_up_before(settings: Settings, now: dt.datetime | None = None) -> dt.da
 
 
 def reconciliation_report(conn: Connection, settings: Settings, unmatched_limit: int = 100) -> dict[str, Any]:
-    """Counts of the reconciliation and the unmatched items (oldest first, at most `unmatched_limit`).
+    """Counts of the reconciliation, and the unmatched and given-up items (oldest first, at most `unmatched_limit`
+    of each).
 
     matched/waiting/recovered/unmatched/ignored: Mini Program records by where
     they stand against the pushes; given_up: the waiting ones gap recovery no
@@ -46,12 +47,15 @@ def reconciliation_report(conn: Connection, settings: Settings, unmatched_limit:
         .select_from(cards)
         .where(and_(cards.c.origin.is_not(None), cards.c.mp_openid.is_(None)))
     ).scalar_one()
-    items = conn.execute(
-        select(
-            mp_records.c.id, mp_records.c.kind, mp_records.c.card_id, mp_records.c.code,
-            mp_records.c.mp_openid, mp_records.c.last_error, mp_records.c.checked_at,
-        )  # fmt: skip
-        .where(mp_records.c.match == Match.UNMATCHED.value)
+    columns = (mp_records.c.id, mp_records.c.kind, mp_records.c.card_id, mp_records.c.code, mp_records.c.mp_openid,
+               mp_records.c.last_error, mp_records.c.checked_at)  # fmt: skip
+    unmatched = conn.execute(
+        select(*columns).where(mp_records.c.match == Match.UNMATCHED.value).order_by(mp_records.c.id)
+        .limit(unmatched_limit)
+    ).mappings()
+    abandoned = conn.execute(
+        select(*columns, mp_records.c.decoded_at)
+        .where(mp_records.c.match == Match.WAITING.value, mp_records.c.decoded_at < given_up_before(settings))
         .order_by(mp_records.c.id)
         .limit(unmatched_limit)
     ).mappings()
@@ -60,5 +64,6 @@ def reconciliation_report(conn: Connection, settings: Settings, unmatched_limit:
         "given_up": int(given_up),
         "undecoded": int(undecoded),
         "oa_only": int(oa_only),
-        "unmatched_items": [dict(i) for i in items],
+        "unmatched_items": [dict(i) for i in unmatched],
+        "given_up_items": [dict(i) for i in abandoned],
     }

@@ -270,7 +270,8 @@ def reconciliation() -> str:
     with db.get_engine().connect() as conn:
         report = reconciliation_report(conn, db.get_settings(), unmatched_limit=200)
     counts = [(name, report[name]) for name in REPORT_COUNTS]
-    return render_template("admin/reconciliation.html", counts=counts, unmatched=report["unmatched_items"])
+    return render_template("admin/reconciliation.html", counts=counts, unmatched=report["unmatched_items"],
+                           given_up=report["given_up_items"])
 
 
 @bp.after_request

@@ -19,9 +19,9 @@ def reconcile() -> None:
 @reconcile.command("report")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 @click.option("--limit", type=click.IntRange(min=0, max=ROW_ID_MAX), default=100, show_default=True,
-              help="Unmatched items to list.")
+              help="Unmatched items to list, and as many given-up ones.")
 def report(as_json: bool, limit: int) -> None:
-    """Matched, waiting, recovered and unmatched counts, and the unmatched items."""
+    """Matched, waiting, recovered and unmatched counts, and the unmatched and given-up items."""
     settings = settings_or_exit()
     engine = make_engine(settings)
     with engine.connect() as conn:
@@ -36,4 +36,9 @@ def report(as_json: bool, limit: int) -> None:
         click.echo(
             f"unmatched record {item['id']}: {item['kind']} card={item['card_id']} code={item['code']} "
             f"mp_openid={item['mp_openid']} error={item['last_error'] or '-'}"
+        )
+    for item in data["given_up_items"]:
+        click.echo(
+            f"given-up record {item['id']}: {item['kind']} card={item['card_id']} code={item['code']} "
+            f"mp_openid={item['mp_openid']} decoded={item['decoded_at']} error={item['last_error'] or '-'}"
         )
