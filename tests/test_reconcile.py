@@ -477,3 +477,25 @@ def test_coupon_entry_links_the_two_openids(live: tuple[str, Settings, FakeWeixi
     work(ctx)
     card = card_row(ctx, added["code"])
     assert (card["oa_openid"], card["mp_openid"]) == ("oOA_entry", "oMP_entry")
+
+
+def test_a_gift_naming_the_received_code_as_its_old_code_leaves_that_card_held(
+    client: Any, settings: Settings, worker_ctx: WorkerContext
+) -> None:
+    """A user_get_card with IsGiveByFriend=1 whose OldUserCardCode is its own UserCardCode moved no code: the card
+    stays received by its holder. It used to be marked gifted (a final state) pointing at itself, so the card the
+    friend holds ended for good."""
+    t = int(time.time())
+    code = "880000000010"
+    pushes = [
+        make_push(settings, "user_get_card", CreateTime=t, FromUserName="oOA_giver", CardId=CARD, UserCardCode=code),
+        make_push(settings, "user_get_card", CreateTime=t + 5, FromUserName="oOA_friend", CardId=CARD,
+                  UserCardCode=code, IsGiveByFriend=1, OldUserCardCode=code, FriendUserName="oOA_giver"),
+    ]  # fmt: skip
+    for query, body in pushes:
+        assert client.post("/wechat", query_string=query, data=body).status_code == 200
+    process_events([1, 2])
+    card = card_row(worker_ctx, code)
+    assert (card["status"], card["status_time"], card["old_code"], card["new_code"]) == ("received", t + 5, None, None)
+    with worker_ctx.engine.connect() as conn:
+        assert conn.execute(sa.select(events.c.status).order_by(events.c.id)).scalars().all() == ["processed"] * 2

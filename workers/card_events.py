@@ -32,6 +32,10 @@ def plan_user_get_card(ctx: WorkerContext, row: Row, _fetched: Any) -> CardPlan:
         return NO_CHANGE
     card_id, code = key
     gifted_from = row.get("old_code") if _flag(row, "IsGiveByFriend") else None
+    if gifted_from == code:
+        # A gift gets a new code; one naming the received code as the old one moved
+        # nothing, and marking it gifted would end the card its holder has now.
+        gifted_from = None
     received = CardChange(
         card_id, code, CardStatus.RECEIVED, row["create_time"],
         {"oa_openid": row["openid"], "unionid": row["unionid"], "outer_str": row["outer_str"],
