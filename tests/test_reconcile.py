@@ -499,3 +499,26 @@ def test_a_gift_naming_the_received_code_as_its_old_code_leaves_that_card_held(
     assert (card["status"], card["status_time"], card["old_code"], card["new_code"]) == ("received", t + 5, None, None)
     with worker_ctx.engine.connect() as conn:
         assert conn.execute(sa.select(events.c.status).order_by(events.c.id)).scalars().all() == ["processed"] * 2
+
+
+@pytest.mark.parametrize("bogus", [99_999_999_999, 999_999_999_999_999_999, -5, 0])
+def test_a_create_time_no_clock_gives_does_not_outrank_the_cards_real_events(
+    client: Any, settings: Settings, worker_ctx: WorkerContext, bogus: int
+) -> None:
+    """A user_get_card whose CreateTime is past 32 bits (or not positive) is stored and acknowledged like any
+    push; its time places it before the card's events of real times, so a later gifting moves the card. A huge
+    CreateTime used to outrank every real time: the card stayed received for ever, whatever happened next."""
+    t = int(time.time())
+    common = {"FromUserName": "oOA_clock", "CardId": CARD, "UserCardCode": "880000000011"}
+    for event, when in (("user_get_card", bogus), ("user_gifting_card", t)):
+        query, body = make_push(settings, event, CreateTime=when, **common)
+        assert client.post("/wechat", query_string=query, data=body).status_code == 200
+    for order in ([1], [2]), ([2], [1]):
+        with worker_ctx.engine.begin() as conn:
+            conn.execute(cards.delete())
+            conn.execute(sa.text("DELETE FROM event_attempts"))
+            conn.execute(events.update().values(status="pending"))
+        for ids in order:
+            process_events(ids)
+        card = card_row(worker_ctx, "880000000011")
+        assert (card["status"], card["status_time"], card["oa_openid"]) == ("gifting", t, "oOA_clock"), order

@@ -39,16 +39,30 @@ WEIXIN_STATUS = {
 FILL_ONCE = ("oa_openid", "mp_openid", "unionid", "outer_str", "old_code", "new_code", "origin", "received_time")
 
 
+# Weixin's CreateTime is unix seconds in 32 bits. A value outside (0, 2**32) is no
+# moment at all: ordered by it, a push stamped in the year 30000 would outrank every
+# real event of its card for ever.
+_LATEST_TIME = 2**32
+
+
+def event_time(time: int | None) -> int | None:
+    """A status time that places the status among others, or None when it is absent or no clock's."""
+    if time is None or not 0 < int(time) < _LATEST_TIME:
+        return None
+    return int(time)
+
+
 def status_key(status: str | None, time: int | None) -> tuple[int, int, int, str]:
     """The order of card states: terminal last, then later time, then rank, then name.
 
     Applying the maximum of this key is what makes the final state independent
-    of the order in which events arrive.
+    of the order in which events arrive. A status of unknown time (see
+    `event_time`) comes before every known time.
     """
     if status is None:
         return (-1, -1, -1, "")
     state = CardStatus(status)
-    return (1 if state in TERMINAL else 0, int(time or 0), STATUS_RANK[state], state.value)
+    return (1 if state in TERMINAL else 0, event_time(time) or 0, STATUS_RANK[state], state.value)
 
 
 @dataclass(frozen=True, slots=True)
