@@ -443,6 +443,16 @@ def test_mp_api_body_that_is_no_json_object_is_400(live: tuple[str, Settings, Fa
     assert resp.status_code == 400 and resp.json()["field"] == "body"
 
 
+@pytest.mark.parametrize("segment", ["%00", "o%00x", "o%01", "o%0A", "o" * 129])
+def test_a_users_openid_that_no_column_can_hold_is_400(live: tuple[str, Settings, FakeWeixin], segment: str) -> None:
+    """A NUL byte or a control character in /users/<mp_openid>/cards is a 400 naming mp_openid on both
+    databases (before: PostgreSQL refused the NUL in the query, answered 503 "store unavailable" and logged
+    an error; SQLite answered 200 with no cards)."""
+    base, _, _ = live
+    resp = requests.get(f"{base}/api/mp/users/{segment}/cards", headers={"Authorization": f"Bearer {MP_KEY}"}, timeout=5)
+    assert resp.status_code == 400 and resp.json()["field"] == "mp_openid"
+
+
 def test_mp_api_needs_the_bearer_key(live: tuple[str, Settings, FakeWeixin]) -> None:
     """Without the right bearer key: 401 on every Mini Program endpoint."""
     base, _, _ = live

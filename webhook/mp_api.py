@@ -174,8 +174,9 @@ def _accepted(ids: list[int]) -> Response:
 @bp.get("/users/<mp_openid>/cards")
 def user_cards(mp_openid: str) -> Response:
     """The user's cards with real codes and status, ready for wx.openCard."""
-    if len(mp_openid) > MAX_ID:
-        raise InvalidRequestError("mp_openid", "is too long")
+    # Checked like a body's openid: PostgreSQL refuses a NUL in a query's text (which read as "store unavailable").
+    if len(mp_openid) > MAX_ID or not printable(mp_openid):
+        raise InvalidRequestError("mp_openid", f"must be at most {MAX_ID} printable characters")
     with db.get_engine().connect() as conn:
         rows = conn.execute(
             select(cards.c.card_id, cards.c.code, cards.c.status, cards.c.outer_str, cards.c.updated_at)
