@@ -141,6 +141,35 @@ def test_duplicates_on_both_sides_change_nothing(
     assert fake.calls("/card/code/decrypt") == 1
 
 
+def test_concurrent_receipts_listing_the_same_codes_in_any_order_all_succeed(
+    live: tuple[str, Settings, FakeWeixin], ctx: WorkerContext
+) -> None:
+    """Receipts naming the same codes in opposite orders, posted at once, are all accepted with the ids in
+    their own order, one record per code (before: on PostgreSQL each transaction held some codes' keys while
+    waiting for the others', deadlocked, and most requests answered 503 "store unavailable")."""
+    base, _, _ = live
+    listed = [{"card_id": CARD, "code": f"enc-{i:02d}"} for i in range(30)]
+    bodies = [{"mp_openid": "oMP_many", "card_list": listed if n % 2 else listed[::-1]} for n in range(8)]
+    answers: list[requests.Response | None] = [None] * len(bodies)
+    start = threading.Barrier(len(bodies))
+
+    def post(n: int) -> None:
+        start.wait()
+        answers[n] = mp_post(base, "card-receipts", bodies[n])
+
+    threads = [threading.Thread(target=post, args=(n,)) for n in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [a.status_code if a is not None else None for a in answers] == [202] * len(bodies)
+    forward = {tuple(a.json()["records"]) for a in answers[1::2] if a is not None}
+    backward = {tuple(a.json()["records"]) for a in answers[0::2] if a is not None}
+    assert len(forward) == 1 and backward == {tuple(reversed(next(iter(forward))))}
+    with ctx.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(mp_records)).scalar_one() == len(listed)
+
+
 def test_gift_moves_the_card_to_the_new_code_and_holder(live: tuple[str, Settings, FakeWeixin], ctx: WorkerContext) -> None:
     """A gift: the old code ends as gifted pointing at the new one, which the friend holds."""
     _, _, fake = live

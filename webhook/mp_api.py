@@ -145,9 +145,14 @@ def card_receipts() -> Response:
             raise InvalidRequestError(f"{at}is_success", "must be true or false")
         assert card_id is not None and code is not None and mp_openid is not None  # narrowed by required=True
         rows.append(_record_row(RecordKind.RECEIPT, card_id, code, mp_openid, unionid=unionid, is_success=is_success))
+    # Inserted in key order, whatever the list's: two receipts naming the same codes in different orders
+    # would otherwise each hold a key the other waits for, and PostgreSQL would abort one as a deadlock.
+    ids: dict[str, int] = {}
     with db.get_engine().begin() as conn:
-        ids = [insert_record(conn, row) for row in rows]
-    return _accepted(ids)
+        for row in sorted(rows, key=lambda r: str(r["dedupe_key"])):
+            if row["dedupe_key"] not in ids:
+                ids[row["dedupe_key"]] = insert_record(conn, row)
+    return _accepted([ids[row["dedupe_key"]] for row in rows])
 
 
 @bp.post("/coupon-entries")
