@@ -1,11 +1,14 @@
 """Reconciliation over real HTTP: the fake Weixin pushes to the app, the Mini Program API records, workers join."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import itertools
+import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,6 +23,7 @@ from rq import Queue
 from webhook import metrics
 from webhook.cardstore import cards, mp_records
 from webhook.config import Settings
+from webhook.logs import JSONFormatter, TextFormatter, pseudonym
 from webhook.store import event_attempts, events, utcnow
 from workers.context import API_QUEUE, WorkerContext
 from workers.dispatch import dispatch_all
@@ -480,6 +484,44 @@ def test_a_users_openid_that_no_column_can_hold_is_400(live: tuple[str, Settings
     base, _, _ = live
     resp = requests.get(f"{base}/api/mp/users/{segment}/cards", headers={"Authorization": f"Bearer {MP_KEY}"}, timeout=5)
     assert resp.status_code == 400 and resp.json()["field"] == "mp_openid"
+
+
+class _Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def request_lines() -> Iterator[list[logging.LogRecord]]:
+    """The app's request lines (logger wxcoupon.request) logged inside the block."""
+    logger, kept = logging.getLogger("wxcoupon.request"), _Kept()
+    logger.addHandler(kept)
+    try:
+        yield kept.records
+    finally:
+        logger.removeHandler(kept)
+
+
+def test_the_access_line_of_a_users_cards_call_carries_no_openid(
+    live: tuple[str, Settings, FakeWeixin]
+) -> None:
+    """GET /users/<mp_openid>/cards is logged with a pseudonym in place of the openid, the one every other
+    line gives it, so lines about one user still correlate (before: the openid in clear, in `path`)."""
+    base, _, _ = live
+    openid = "oMP_logged_user_4711"
+    with request_lines() as logged:
+        for key in (MP_KEY, "wrong-key"):  # answered or refused, the path is logged the same way
+            requests.get(f"{base}/api/mp/users/{openid}/cards", headers={"Authorization": f"Bearer {key}"}, timeout=5)
+    lines = [record for record in logged if record.getMessage() == "request"]
+    assert [record.status for record in lines] == [200, 401]  # type: ignore[attr-defined]
+    for record in lines:
+        text = TextFormatter().format(record) + JSONFormatter().format(record)
+        assert openid not in text
+        assert f"/api/mp/users/{pseudonym(openid)}/cards" in text
 
 
 def test_mp_api_needs_the_bearer_key(live: tuple[str, Settings, FakeWeixin]) -> None:

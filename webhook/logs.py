@@ -265,10 +265,18 @@ class RequestLogMiddleware:
         return result
 
 
+# A path segment that is a user id: the Mini Program API's /api/mp/users/<mp_openid>/...
+_USER_PATH = "/api/mp/users/"
+
+
 def _path(environ: dict[str, Any]) -> str:
     # The path only: Weixin's query string carries signatures and openids.
     raw: str = environ.get("PATH_INFO", "")
-    return raw.encode("latin-1", "replace").decode("utf-8", "replace") or "/"
+    path = raw.encode("latin-1", "replace").decode("utf-8", "replace") or "/"
+    if path.startswith(_USER_PATH):
+        user, slash, rest = path[len(_USER_PATH):].partition("/")
+        path = f"{_USER_PATH}{pseudonym(user) if user else ''}{slash}{rest}"
+    return path
 
 
 def _access_line(environ: dict[str, Any], state: _RequestState) -> None:
