@@ -524,6 +524,24 @@ def test_the_access_line_of_a_users_cards_call_carries_no_openid(
         assert f"/api/mp/users/{pseudonym(openid)}/cards" in text
 
 
+@pytest.mark.parametrize(("path", "shown"), [
+    ("/api/mp/users/o1/cards%0A2026-01-01 00:00:00,000 ERROR forged", "/cards%0A2026-01-01 00:00:00,000 ERROR forged"),
+    ("/no-such-page%0D%0Aforged", "/no-such-page%0D%0Aforged"),
+    ("/api/mp/card-receipts%00%1b[31m%C2%85%E2%80%A8", "/api/mp/card-receipts%00%1B[31m%C2%85%E2%80%A8"),
+])
+def test_a_control_character_in_the_path_cannot_forge_a_log_line(
+    live: tuple[str, Settings, FakeWeixin], path: str, shown: str
+) -> None:
+    """A request's path is logged with its control characters percent-encoded: one request, one text line
+    (before: a %0A in the path, accepted from anyone without a key, started a line of the client's making)."""
+    base, _, _ = live
+    with request_lines() as logged:
+        requests.get(f"{base}{path}", headers={"Authorization": f"Bearer {MP_KEY}"}, timeout=5)
+    [record] = [record for record in logged if record.getMessage() == "request"]
+    line = TextFormatter().format(record)
+    assert line.isprintable() and f"{shown} status=" in line
+
+
 def test_mp_api_needs_the_bearer_key(live: tuple[str, Settings, FakeWeixin]) -> None:
     """Without the right bearer key: 401 on every Mini Program endpoint."""
     base, _, _ = live

@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 from flask import Flask, request
 
@@ -267,6 +268,8 @@ class RequestLogMiddleware:
 
 # A path segment that is a user id: the Mini Program API's /api/mp/users/<mp_openid>/...
 _USER_PATH = "/api/mp/users/"
+# Characters a path may carry percent-encoded that would end or rewrite a text log line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _path(environ: dict[str, Any]) -> str:
@@ -276,7 +279,8 @@ def _path(environ: dict[str, Any]) -> str:
     if path.startswith(_USER_PATH):
         user, slash, rest = path[len(_USER_PATH):].partition("/")
         path = f"{_USER_PATH}{pseudonym(user) if user else ''}{slash}{rest}"
-    return path
+    # Anyone can send %0A: logged as is, it would start a line of the client's making.
+    return _CONTROL.sub(lambda m: quote(m.group()), path)
 
 
 def _access_line(environ: dict[str, Any], state: _RequestState) -> None:
