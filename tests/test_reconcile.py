@@ -565,6 +565,22 @@ def test_card_ext_is_signed_with_the_shared_ticket_and_accepted_by_weixin(
     assert fake.calls("/cgi-bin/ticket/getticket") == 1  # cached and shared
 
 
+class TestCardExtWithoutItsDependencies:
+    """card-ext needs WECHAT_APPID and WECHAT_APPSECRET: without them it answers 503 naming what is missing,
+    as activation-params does (before: the ConfigError was unhandled, 500)."""
+
+    @pytest.fixture(params=["no appid", "no appsecret"])
+    def live_overrides(self, request: pytest.FixtureRequest) -> dict[str, Any]:
+        return {"no appid": {"appid": None}, "no appsecret": {"appsecret": None}}[request.param]
+
+    def test_card_ext_is_503_naming_the_cause(self, live: tuple[str, Settings, FakeWeixin]) -> None:
+        base, settings, fake = live
+        resp = mp_post(base, "card-ext", {"card_id": CARD})
+        assert resp.status_code == 503
+        assert ("WECHAT_APPID" if not settings.appid else "WECHAT_APPSECRET") in resp.json()["error"]
+        assert fake.calls("/cgi-bin/ticket/getticket") == 0
+
+
 def test_coupon_entry_links_the_two_openids(live: tuple[str, Settings, FakeWeixin], ctx: WorkerContext) -> None:
     """Seed flow 4: a user arriving from a coupon gives card_id, encrypt_code and the OA openid."""
     base, _, fake = live

@@ -17,6 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from . import db
 from .cardext import build_card_ext, card_ext_json
 from .cardstore import RecordKind, cards, mp_records
+from .config import ConfigError
 from .store import EventStatus, insert_once, utcnow
 
 log = logging.getLogger("wxcoupon.mp_api")
@@ -216,6 +217,8 @@ def card_ext() -> Response:
     assert card_id is not None
     try:
         ticket = db.get_weixin().get_card_api_ticket()
+    except ConfigError as exc:  # no WECHAT_APPID / WECHAT_APPSECRET on this host
+        return _error(503, f"weixin api not configured: {exc}", None)
     except WeixinAPIError as exc:
         log.warning("api_ticket unavailable", extra={"errcode": exc.errcode})
         return _error(502, f"weixin api_ticket unavailable (errcode {exc.errcode})", None)
