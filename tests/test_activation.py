@@ -480,6 +480,21 @@ def test_activation_params_need_a_card_id_and_everything_needs_the_key(live: Liv
     assert mp_get(base, "activations/999").status_code == 404
 
 
+class TestActivationParamsWithoutRedis:
+    """activation-params reads the shared access_token from Redis: without Redis it answers 503 naming it
+    (before: redis's ConnectionError was unhandled, 500)."""
+
+    @pytest.fixture
+    def live_overrides(self) -> dict[str, Any]:
+        return {"redis_url": "redis://127.0.0.1:9/0"}
+
+    def test_activation_params_are_503_naming_redis(self, live: Live) -> None:
+        base, _, fake = live
+        resp = mp_get(base, "activation-params", card_id="pCard")
+        assert resp.status_code == 503 and "redis" in resp.json()["error"]
+        assert fake.calls("/card/membercard/activate/geturl") == 0
+
+
 class TestWithoutDataKey:
     """No WXCOUPON_DATA_KEY: nothing personal is accepted or stored, and the error names the variable."""
 

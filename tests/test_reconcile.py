@@ -566,18 +566,20 @@ def test_card_ext_is_signed_with_the_shared_ticket_and_accepted_by_weixin(
 
 
 class TestCardExtWithoutItsDependencies:
-    """card-ext needs WECHAT_APPID and WECHAT_APPSECRET: without them it answers 503 naming what is missing,
-    as activation-params does (before: the ConfigError was unhandled, 500)."""
+    """card-ext needs WECHAT_APPID, WECHAT_APPSECRET and Redis (the shared api_ticket): without one it answers
+    503 naming what is missing (before: the ConfigError or redis's ConnectionError was unhandled, 500)."""
 
-    @pytest.fixture(params=["no appid", "no appsecret"])
+    @pytest.fixture(params=["no appid", "no appsecret", "redis unreachable"])
     def live_overrides(self, request: pytest.FixtureRequest) -> dict[str, Any]:
-        return {"no appid": {"appid": None}, "no appsecret": {"appsecret": None}}[request.param]
+        return {"no appid": {"appid": None}, "no appsecret": {"appsecret": None},
+                "redis unreachable": {"redis_url": "redis://127.0.0.1:9/0"}}[request.param]  # fmt: skip
 
     def test_card_ext_is_503_naming_the_cause(self, live: tuple[str, Settings, FakeWeixin]) -> None:
         base, settings, fake = live
         resp = mp_post(base, "card-ext", {"card_id": CARD})
         assert resp.status_code == 503
-        assert ("WECHAT_APPID" if not settings.appid else "WECHAT_APPSECRET") in resp.json()["error"]
+        missing = "WECHAT_APPID" if not settings.appid else "WECHAT_APPSECRET" if not settings.appsecret else "redis"
+        assert missing in resp.json()["error"]
         assert fake.calls("/cgi-bin/ticket/getticket") == 0
 
 

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Blueprint, Flask, Response, jsonify, request
+from redis import RedisError
 from werkzeug.exceptions import HTTPException
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
@@ -219,11 +220,20 @@ def card_ext() -> Response:
         ticket = db.get_weixin().get_card_api_ticket()
     except ConfigError as exc:  # no WECHAT_APPID / WECHAT_APPSECRET on this host
         return _error(503, f"weixin api not configured: {exc}", None)
+    except RedisError as exc:
+        return redis_down(exc)
     except WeixinAPIError as exc:
         log.warning("api_ticket unavailable", extra={"errcode": exc.errcode})
         return _error(502, f"weixin api_ticket unavailable (errcode {exc.errcode})", None)
     ext = build_card_ext(ticket, card_id, code=code, openid=openid, outer_str=outer_str, fixed_begintimestamp=begin)
     return jsonify({"card_id": card_id, "card_ext": card_ext_json(ext)})
+
+
+def redis_down(exc: RedisError) -> Response:
+    """503 for a call that needs Weixin's shared access_token or api_ticket while Redis, which holds them,
+    does not answer: the caller may retry, as for the store."""
+    log.error("redis unavailable", extra={"error": type(exc).__name__})
+    return _error(503, "weixin credentials unavailable: redis unreachable", None)
 
 
 def _invalid(exc: InvalidRequestError) -> Response:

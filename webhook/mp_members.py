@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from flask import Blueprint, Flask, Response, jsonify, request
+from redis import RedisError
 
 from . import db
 from .config import ConfigError
@@ -25,7 +26,17 @@ from .members import (
     get_activation,
     insert_activation,
 )
-from .mp_api import MAX_ENCRYPTED, MAX_ID, InvalidRequestError, _authorize, _error, _json_body, _text, printable
+from .mp_api import (
+    MAX_ENCRYPTED,
+    MAX_ID,
+    InvalidRequestError,
+    _authorize,
+    _error,
+    _json_body,
+    _text,
+    printable,
+    redis_down,
+)
 from .pii import DATA_KEY_VARIABLE, cipher_for
 from .store import ROW_ID_CONVERTER, EventStatus, utcnow
 
@@ -124,6 +135,8 @@ def activation_params() -> Response:
         url = db.get_weixin().get_activate_url(card_id, outer_str)
     except ConfigError as exc:  # no WECHAT_APPID / WECHAT_APPSECRET on this host
         return _error(503, f"weixin api not configured: {exc}", None)
+    except RedisError as exc:
+        return redis_down(exc)
     except WeixinAPIError as exc:
         log.warning("activate/geturl failed", extra={"errcode": exc.errcode})
         resp = jsonify({"error": f"weixin activate/geturl failed: {exc.errmsg}", "errcode": exc.errcode})
