@@ -453,6 +453,13 @@ def test_registration_fallback_activates_without_the_plug_in(
         ("registrations", {"card_id": "p", "encrypt_code": "e", "mp_openid": "o", "fields": FIELDS,
                            "custom_fields": {"Milk": [1]}}, "custom_fields.Milk[0]"),
         ("registrations", {"encrypt_code": "e", "mp_openid": "o", "fields": FIELDS}, "card_id"),
+        # One field under both its names: one value would be dropped without a word.
+        ("registrations", {"card_id": "p", "encrypt_code": "e", "mp_openid": "o", "fields": {
+            "USER_FORM_INFO_FLAG_EDUCATION_BACKGRO": "a", "USER_FORM_INFO_FLAG_EDUCATION_BACKGROUND": "b"}},
+         "fields.USER_FORM_INFO_FLAG_EDUCATION_BACKGROUND"),
+        ("registrations", {"card_id": "p", "encrypt_code": "e", "mp_openid": "o", "fields": {
+            "USER_FORM_INFO_FLAG_EDUCATION_BACKGROUND": "a", "USER_FORM_INFO_FLAG_EDUCATION_BACKGRO": "a"}},
+         "fields.USER_FORM_INFO_FLAG_EDUCATION_BACKGRO"),
         # Lone surrogates (JSON \ud800 escapes): no UTF-8 key, digest or column can hold them.
         ("activations", {"activate_ticket": "t\ud800", "card_id": "p", "encrypt_code": "e", "mp_openid": "o"},
          "activate_ticket"),

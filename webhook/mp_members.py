@@ -87,6 +87,8 @@ def _form_values(data: dict[str, Any], name: str, *, ids: bool) -> dict[str, Any
             key = FIELD_ID_ALIASES.get(key, key)
             if key not in COMMON_FIELD_IDS:
                 raise InvalidRequestError(at, "is not a USER_FORM_INFO_FLAG_* field id")
+            if key in out:  # ..._EDUCATION_BACKGROUND and ..._BACKGRO both: one value would be dropped
+                raise InvalidRequestError(at, f"is {key} again (one field, two names)")
         elif len(key) > MAX_ID or not printable(key):
             raise InvalidRequestError(at, f"must be a name of at most {MAX_ID} printable characters")
         if isinstance(value, list) and not ids:
