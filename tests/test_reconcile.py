@@ -396,8 +396,10 @@ def test_undecodable_code_is_a_permanent_failure_and_reported(
     fake.wait_for_pushes(1)
     work(ctx)
     with ctx.engine.connect() as conn:
-        rows = conn.execute(sa.select(mp_records.c.status, mp_records.c.match, mp_records.c.last_error)
-                            .order_by(mp_records.c.id)).all()
+        # In the list's order: the answer's ids are (the rows of one receipt are inserted in key order).
+        found = {r[0]: r[1:] for r in conn.execute(sa.select(
+            mp_records.c.id, mp_records.c.status, mp_records.c.match, mp_records.c.last_error))}
+        rows = [found[record_id] for record_id in resp.json()["records"]]
     assert [r[0] for r in rows] == ["processed", "failed", "processed"]
     assert rows[1][2] and "40056" in rows[1][2]
     assert [rows[0][1], rows[1][1], rows[2][1]] == ["matched", None, "ignored"]
