@@ -310,6 +310,35 @@ def test_an_unhandled_exception_is_logged_through_wxcoupons_handler(settings: Se
     assert "RuntimeError" in text and "access_token=[redacted]" in text and "TOKENVALUE" not in text
 
 
+def test_an_unhandled_exceptions_line_names_the_path_as_the_access_line_does(settings: Settings) -> None:
+    """Flask's "Exception on <path>" named request.path as is: a Mini Program user's openid in clear, and a
+    client's %0A starting a log line of its own. Both are now as in the access line; and no text line of any
+    record holds a line break before its traceback."""
+    app = create_app(settings)
+
+    @app.get("/api/mp/users/<openid>/boom")
+    @app.get("/boom/<tail>")
+    def boom(openid: str = "", tail: str = "") -> str:
+        raise RuntimeError("no")
+
+    [handler] = [h for h in logging.getLogger("wxcoupon").handlers
+                 if any(isinstance(f, logs.ContextFilter) for f in h.filters)]
+    stream = io.StringIO()
+    previous = handler.setStream(stream)  # type: ignore[attr-defined]
+    try:
+        user = app.test_client().get("/api/mp/users/oMPsecretUser01/boom")
+        forged = app.test_client().get("/boom/x%0A2026 ERROR forged")
+        logging.getLogger("wxcoupon.test").warning("a message\nERROR forged too\u2028")
+    finally:
+        handler.setStream(previous)  # type: ignore[attr-defined]
+    assert user.status_code == forged.status_code == 500
+    text = stream.getvalue()
+    assert "oMPsecretUser01" not in text and "Exception on /api/mp/users/~" in text
+    assert "Exception on /boom/x%0A2026 ERROR forged [GET]" in text
+    assert not any(line.startswith("2026 ERROR forged") or line.startswith("ERROR forged") for line in text.splitlines())
+    assert "a message\\nERROR forged too\\u2028" in text
+
+
 def test_worker_log_lines_carry_the_rq_job_id(
     client: Any, settings: Settings, worker_ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:

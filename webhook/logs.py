@@ -158,6 +158,14 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(data, default=str, ensure_ascii=False)
 
 
+# Characters that would end or rewrite a text log line (a path may carry them percent-encoded).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escaped(found: re.Match[str]) -> str:
+    return found.group().encode("unicode_escape").decode("ascii")
+
+
 class TextFormatter(logging.Formatter):
     """A readable line with the extra fields appended as key=value."""
 
@@ -179,6 +187,9 @@ class TextFormatter(logging.Formatter):
         extras = [f"{k}={v}" for k, v in _extras(record).items()]
         if extras:  # already redacted, field by field
             line = f"{line} {' '.join(extras)}"
+        # One record, one first line: a value holding a line break (a client's text, an exception's
+        # message) must not start a line of its own making. (JSON lines escape them already.)
+        line = _CONTROL.sub(_escaped, line)
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         for text in (record.exc_text, record.stack_info and self.formatStack(record.stack_info)):
@@ -268,8 +279,6 @@ class RequestLogMiddleware:
 
 # A path segment that is a user id: the Mini Program API's /api/mp/users/<mp_openid>/...
 _USER_PATH = "/api/mp/users/"
-# Characters a path may carry percent-encoded that would end or rewrite a text log line.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _path(environ: dict[str, Any]) -> str:
@@ -330,6 +339,12 @@ def init_app(app: Flask, settings: Settings) -> None:
     from flask.logging import default_handler
 
     app.logger.removeHandler(default_handler)
+
+    def log_exception(exc_info: Any) -> None:
+        # Flask's own line names request.path as is: a user's openid, a client's control characters.
+        app.logger.error("Exception on %s [%s]", _path(request.environ), request.method, exc_info=exc_info)
+
+    app.log_exception = log_exception  # type: ignore[method-assign]
     if not any(isinstance(h, _ToWxcoupon) for h in app.logger.handlers):  # one logger for every app of the process
         app.logger.addHandler(_ToWxcoupon())
     app.logger.propagate = False
